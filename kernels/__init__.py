@@ -1,0 +1,1 @@
+"""umc.kernels (placeholder package; filled by later issues)."""

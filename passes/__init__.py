@@ -1,0 +1,1 @@
+"""umc.passes (placeholder package; filled by later issues)."""

@@ -1,0 +1,1 @@
+"""umc.runtime (placeholder package; filled by later issues)."""

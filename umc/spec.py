@@ -1,0 +1,431 @@
+"""Declarative model specs: YAML in, frozen typed records out, every user mistake a SpecError.
+
+A spec describes one UltraMem (or PKM) decoder language model (DESIGN.md §2). The
+loader parses YAML twice, both times safely: ``yaml.compose`` (SafeLoader) for the
+node tree, which gives line numbers and catches duplicate keys, and
+``yaml.safe_load`` for the values. Validation is table-driven: each section lists
+its fields with a parser; cross-field rules follow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class SpecError(ValueError):
+    """A user mistake in a spec: names the file, line, key path, the problem and what is allowed."""
+
+    def __init__(self, source: str, line: int | None, key: str, problem: str):
+        self.source, self.line, self.key, self.problem = source, line, key, problem
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class MemoryUnit:
+    """A memory unit reads the normed FFN input of block ``read`` and adds to the residual after block ``write``."""
+
+    read: int
+    write: int
+
+    def __str__(self) -> str:
+        return f"{self.read}:{self.write}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The dense decoder around the memory layers."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn: str
+    ffn_hidden: int
+    norm: str
+    norm_eps: float
+    rope_theta: float
+    max_seq_len: int
+    tie_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """One memory-layer configuration shared by all units (DESIGN.md §2.1 for ultramem, §2.2 for pkm)."""
+
+    kind: str
+    units: tuple[MemoryUnit, ...]
+    knum: int
+    kdim: int
+    vdim: int
+    topm: int
+    heads: int
+    share_query: bool
+    tucker_rank: int
+    cores: int
+    value_expansion: int
+    query_conv: int | None
+    score_activation: str
+    query_norm: str
+    key_norm: str
+    output_projection: bool
+    norm_eps: float
+    init: str
+
+    @property
+    def keys_per_side(self) -> int:
+        """n = sqrt(E) * knum keys on each side of the product grid."""
+        return math.isqrt(self.value_expansion) * self.knum
+
+    @property
+    def physical_values(self) -> int:
+        """N = knum^2 rows in the physical value table."""
+        return self.knum * self.knum
+
+    @property
+    def virtual_values(self) -> int:
+        """E * N addressable (virtual) values after implicit value expansion."""
+        return self.value_expansion * self.physical_values
+
+    @property
+    def side_dim(self) -> int:
+        """Query/key width on one side: kdim for ultramem, kdim/2 for pkm (DESIGN.md §2.2)."""
+        return self.kdim // 2 if self.kind == "pkm" else self.kdim
+
+    @property
+    def query_heads(self) -> int:
+        """Number of distinct queries: 1 when heads share one query."""
+        return 1 if self.share_query else self.heads
+
+    @property
+    def has_shuffle(self) -> bool:
+        """The authors' layer always carries a shuffle permutation; pkm only needs one for IVE."""
+        return self.kind == "ultramem" or self.value_expansion > 1
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole validated model spec."""
+
+    name: str
+    dtype: str
+    seed: int
+    model: ModelSpec
+    memory: MemorySpec
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (units as "read:write" strings), without the source path."""
+        data = asdict(self)
+        data.pop("source")
+        data["memory"]["units"] = [str(u) for u in self.memory.units]
+        return data
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _Document:
+    """Parsed YAML plus where each key path sits in the file."""
+
+    def __init__(self, source: str, data: Any, lines: dict[tuple, int]):
+        self.source, self.data, self.lines = source, data, lines
+
+    def line_of(self, path: tuple) -> int | None:
+        """Line of the deepest known prefix of ``path`` (1-based)."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return None
+
+    def error(self, path: tuple, problem: str) -> SpecError:
+        """A SpecError located at ``path``."""
+        return SpecError(self.source, self.line_of(path), ".".join(str(p) for p in path), problem)
+
+
+def _index_lines(source: str, root: yaml.Node) -> dict[tuple, int]:
+    """Map key paths to 1-based lines; reject duplicate and non-scalar keys."""
+    lines: dict[tuple, int] = {(): root.start_mark.line + 1}
+    seen: set[int] = set()
+    stack: list[tuple[tuple, yaml.Node]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        if id(node) in seen:  # an alias: already indexed where it was defined
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys_here: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise SpecError(source, line, ".".join(map(str, path)), "a key must be a plain name, not a mapping or list")
+                key = key_node.value
+                if key in keys_here:
+                    raise SpecError(
+                        source, line, ".".join(map(str, path + (key,))),
+                        f"duplicate key (first given on line {keys_here[key]}; each key may appear once)",
+                    )
+                keys_here[key] = line
+                lines[path + (key,)] = line
+                stack.append((path + (key,), value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                stack.append((path + (i,), item))
+    return lines
+
+
+def _parse_yaml(source: str, text: str) -> _Document:
+    """Safely parse YAML text into data and a line index, or raise SpecError."""
+    if not text.strip():
+        raise SpecError(source, 1, "", "the file is empty (expected a mapping with keys model and memory)")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise SpecError(source, line, "", f"YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(source, None, "", f"YAML error: {exc}") from None
+    except RecursionError:
+        raise SpecError(source, None, "", "YAML nesting is too deep") from None
+    if root is None or data is None:
+        raise SpecError(source, 1, "", "the file holds no document (expected a mapping with keys model and memory)")
+    lines = _index_lines(source, root)
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise SpecError(source, lines[()], "", f"the document is a {kind}, expected a mapping with keys model and memory")
+    return _Document(source, data, lines)
+
+
+# ---------------------------------------------------------------- field parsers
+
+Parser = Callable[[_Document, tuple, Any], Any]
+REQUIRED = object()
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _int(minimum: int = 1) -> Parser:
+    def parse(doc: _Document, path: tuple, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise doc.error(path, f"expected an integer, got {_type_name(value)} {value!r}")
+        if value < minimum:
+            allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise doc.error(path, f"{value} is too small (allowed: {allowed})")
+        return value
+    return parse
+
+
+def _positive_float(doc: _Document, path: tuple, value: Any) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise doc.error(path, f"expected a number, got the string {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise doc.error(path, f"expected a number, got {_type_name(value)} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise doc.error(path, f"{value} is not allowed (allowed: a finite number > 0)")
+    return float(value)
+
+
+def _bool(doc: _Document, path: tuple, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise doc.error(path, f"expected true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _string(doc: _Document, path: tuple, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(path, f"expected a non-empty string, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(doc: _Document, path: tuple, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise doc.error(path, f"{value!r} is not allowed (allowed: {', '.join(choices)})")
+        return value
+    return parse
+
+
+def _optional(inner: Parser) -> Parser:
+    def parse(doc: _Document, path: tuple, value: Any) -> Any:
+        return None if value is None else inner(doc, path, value)
+    return parse
+
+
+def _units(doc: _Document, path: tuple, value: Any) -> tuple[MemoryUnit, ...]:
+    """Units as "2:5/6:9" or as a list of "read:write" strings."""
+    if isinstance(value, str):
+        items = [(path, part.strip()) for part in value.split("/")]
+    elif isinstance(value, list):
+        items = [(path + (i,), item) for i, item in enumerate(value)]
+    else:
+        raise doc.error(path, f'expected "read:write" strings, e.g. "2:5/6:9" or ["2:5", "6:9"], got {_type_name(value)}')
+    if not items:
+        raise doc.error(path, 'no memory units given (allowed: one or more "read:write" strings)')
+    units = []
+    for item_path, item in items:
+        parts = item.split(":") if isinstance(item, str) else []
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise doc.error(item_path, f'{item!r} is not a unit (allowed: "read:write" with 0-based block indices, e.g. "2:5")')
+        units.append(MemoryUnit(int(parts[0]), int(parts[1])))
+    return tuple(units)
+
+
+TOP_FIELDS: dict[str, tuple[Parser, Any]] = {
+    "name": (_string, None),
+    "dtype": (_choice(*DTYPES), "float32"),
+    "seed": (_int(0), 0),
+    "model": (None, REQUIRED),
+    "memory": (None, REQUIRED),
+}
+
+MODEL_FIELDS: dict[str, tuple[Parser, Any]] = {
+    "vocab_size": (_int(), REQUIRED),
+    "d_model": (_int(), REQUIRED),
+    "n_layers": (_int(), REQUIRED),
+    "n_heads": (_int(), REQUIRED),
+    "n_kv_heads": (_optional(_int()), None),
+    "ffn": (_choice("swiglu", "gelu"), "swiglu"),
+    "ffn_hidden": (_int(), REQUIRED),
+    "norm": (_choice("rmsnorm", "layernorm"), "rmsnorm"),
+    "norm_eps": (_positive_float, 1e-5),
+    "rope_theta": (_positive_float, 10000.0),
+    "max_seq_len": (_int(), 2048),
+    "tie_embeddings": (_bool, True),
+}
+
+MEMORY_FIELDS: dict[str, tuple[Parser, Any]] = {
+    "kind": (_choice("ultramem", "pkm"), REQUIRED),
+    "units": (_units, REQUIRED),
+    "knum": (_int(), REQUIRED),
+    "kdim": (_int(), REQUIRED),
+    "vdim": (_int(), REQUIRED),
+    "topm": (_int(), REQUIRED),
+    "heads": (_int(), 1),
+    "share_query": (_bool, True),
+    "tucker_rank": (_int(), 1),
+    "cores": (_int(), 1),
+    "value_expansion": (_int(), 1),
+    "query_conv": (_optional(_int()), None),
+    "score_activation": (_choice("none", "softmax", "relu"), "none"),
+    "query_norm": (_choice("none", "layernorm", "layernorm_bias"), "layernorm"),
+    "key_norm": (_choice("none", "layernorm"), "layernorm"),
+    "output_projection": (_bool, True),
+    "norm_eps": (_positive_float, 1e-5),
+    "init": (_choice("official", "improved"), "official"),
+}
+
+
+def _fields(doc: _Document, path: tuple, section: Any, table: dict[str, tuple[Parser, Any]]) -> dict[str, Any]:
+    """Parse one mapping against its field table: unknown keys, missing keys, per-field parsers."""
+    if not isinstance(section, dict):
+        raise doc.error(path, f"expected a mapping with keys {', '.join(table)}, got {_type_name(section)}")
+    for key in section:
+        if key not in table:
+            close = difflib.get_close_matches(str(key), list(table), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise doc.error(path + (key,), f"unknown key ({hint}allowed: {', '.join(table)})")
+    out = {}
+    for key, (parser, default) in table.items():
+        if key not in section:
+            if default is REQUIRED:
+                raise doc.error(path, f"missing required key {key!r}")
+            out[key] = default
+        elif parser is None:
+            out[key] = section[key]
+        else:
+            out[key] = parser(doc, path + (key,), section[key])
+    return out
+
+
+# ---------------------------------------------------------------- cross-field rules
+
+
+def _check_model(doc: _Document, m: dict[str, Any]) -> ModelSpec:
+    p = ("model",)
+    if m["n_kv_heads"] is None:
+        m["n_kv_heads"] = m["n_heads"]
+    if m["d_model"] % m["n_heads"]:
+        raise doc.error(p + ("n_heads",), f"{m['n_heads']} heads do not divide d_model {m['d_model']} (allowed: divisors of d_model)")
+    if (m["d_model"] // m["n_heads"]) % 2:
+        raise doc.error(p + ("n_heads",), f"head width d_model/n_heads = {m['d_model'] // m['n_heads']} is odd (allowed: even, RoPE rotates pairs)")
+    if m["n_heads"] % m["n_kv_heads"]:
+        raise doc.error(p + ("n_kv_heads",), f"{m['n_kv_heads']} does not divide n_heads {m['n_heads']} (allowed: divisors of n_heads)")
+    return ModelSpec(**m)
+
+
+def _check_memory(doc: _Document, mem: dict[str, Any], model: ModelSpec) -> MemorySpec:
+    p = ("memory",)
+    for i, unit in enumerate(mem["units"]):
+        if unit.read > unit.write:
+            raise doc.error(p + ("units",), f"unit {i} ({unit}): read {unit.read} is after write {unit.write} (allowed: read <= write)")
+        if unit.write >= model.n_layers:
+            raise doc.error(p + ("units",), f"unit {i} ({unit}): block {unit.write} is out of range (allowed: 0..{model.n_layers - 1} for n_layers {model.n_layers})")
+    expansion = mem["value_expansion"]
+    if math.isqrt(expansion) ** 2 != expansion:
+        raise doc.error(p + ("value_expansion",), f"{expansion} is not a perfect square (allowed: 1, 4, 9, 16, ...)")
+    if mem["vdim"] % mem["cores"]:
+        raise doc.error(p + ("vdim",), f"{mem['vdim']} is not divisible by cores {mem['cores']} (allowed: multiples of cores)")
+    if mem["kind"] == "pkm":
+        if mem["kdim"] % 2:
+            raise doc.error(p + ("kdim",), f"{mem['kdim']} is odd (allowed for pkm: even, the query splits into two halves of kdim/2)")
+        for key in ("tucker_rank", "cores"):
+            if mem[key] != 1:
+                raise doc.error(p + (key,), f"{mem[key]} is not allowed for kind pkm (allowed: 1; use kind ultramem for Tucker keys and multi-core scoring)")
+    keys_per_side = math.isqrt(expansion) * mem["knum"]
+    if mem["topm"] > keys_per_side:
+        raise doc.error(p + ("topm",), f"{mem['topm']} exceeds the keys per side sqrt(value_expansion)*knum = {keys_per_side} (allowed: 1..{keys_per_side})")
+    if not mem["output_projection"] and (expansion != 1 or mem["vdim"] != model.d_model):
+        raise doc.error(p + ("output_projection",), f"false needs value_expansion 1 and vdim == d_model {model.d_model} (got value_expansion {expansion}, vdim {mem['vdim']})")
+    return MemorySpec(**mem)
+
+
+def _build(doc: _Document, default_name: str) -> Spec:
+    top = _fields(doc, (), doc.data, TOP_FIELDS)
+    model = _check_model(doc, _fields(doc, ("model",), top["model"], MODEL_FIELDS))
+    memory = _check_memory(doc, _fields(doc, ("memory",), top["memory"], MEMORY_FIELDS), model)
+    return Spec(name=top["name"] or default_name, dtype=top["dtype"], seed=top["seed"],
+                model=model, memory=memory, source=doc.source)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a YAML spec file; raise SpecError (never anything else) on a bad file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(source, None, "", f"cannot read the file: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    return parse_spec(text, source=source, default_name=Path(path).stem)
+
+
+def parse_spec(text: str, source: str = "<string>", default_name: str = "model") -> Spec:
+    """Validate YAML text as a spec; ``source`` names it in error messages."""
+    return _build(_parse_yaml(source, text), default_name)
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "<dict>") -> Spec:
+    """Validate already-parsed data (e.g. built in Python) as a spec; errors carry no line numbers."""
+    return _build(_Document(source, data, {}), default_name="model")
