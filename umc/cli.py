@@ -1,0 +1,135 @@
+"""The ``umc`` command line. User mistakes exit 2 with one clear message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import wraps
+
+import click
+
+from umc.cost import SpecCost, spec_cost
+from umc.spec import SpecError, load_spec
+
+# whole-model logits tolerance for decode-vs-prefill, relative to max |logit| (DESIGN.md §7)
+DECODE_TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+def human(count: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:g}"
+
+
+def user_errors(command):
+    """Turn user mistakes (bad spec, bad weights file) into exit code 2 and one line on stderr."""
+
+    @wraps(command)
+    def run(*args, **kwargs):
+        from umc.reference.weights import WeightsError
+
+        try:
+            return command(*args, **kwargs)
+        except (SpecError, WeightsError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return run
+
+
+def format_cost(cost: SpecCost) -> str:
+    """Human-readable summary of a spec's size and per-token work."""
+    lines = [
+        f"{cost.name} ({cost.dtype})",
+        f"  parameters      {human(cost.params_total):>9}  total",
+        f"                  {human(cost.params_dense):>9}  dense (all but value tables)",
+        f"                  {human(cost.params_values):>9}  value tables",
+        f"  FLOPs/token     {human(cost.flops_per_token):>9}  (+{human(cost.attention_flops_per_context_token)} per context token for attention)",
+        f"  value bytes/token {human(cost.value_bytes_per_token):>7}  (value rows read, batch 1)",
+        f"  memory units    {len(cost.units)}",
+        "    unit     physical   virtual   dense    values  FLOPs/token  row bytes/token",
+    ]
+    for u in cost.units:
+        lines.append(f"    {u.unit:<7} {human(u.physical_slots):>9} {human(u.virtual_slots):>9} {human(u.dense_params):>7}"
+                     f" {human(u.value_params):>9} {human(u.flops_per_token):>12} {human(u.value_bytes_per_token):>16}")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="umc")
+def main():
+    """umc: the UltraMem model compiler."""
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def check(spec_path: str, as_json: bool):
+    """Validate a spec; print parameters, FLOPs, value bytes.
+
+    Exit 0 on a valid spec; exit 2 with the problem (file, line, key) on an invalid one.
+    """
+    spec = load_spec(spec_path)
+    cost = spec_cost(spec)
+    if as_json:
+        click.echo(json.dumps({"spec": spec.to_dict(), "cost": cost.to_dict()}, indent=2))
+    else:
+        click.echo(format_cost(cost))
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--seed", type=int, default=None, help="Weight seed (default: the spec's).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Load weights from a safetensors file.")
+@click.option("--save-weights", type=click.Path(dir_okay=False), default=None, help="Write the model's weights here.")
+@click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--prompt", type=click.IntRange(1), default=8, show_default=True, help="Prompt length.")
+@click.option("--steps", type=click.IntRange(0), default=8, show_default=True, help="Decode steps after the prompt.")
+@user_errors
+def eager(spec_path, seed, weights, save_weights, batch, prompt, steps):
+    """Run the eager reference model on random tokens.
+
+    Prefill a prompt, decode token by token, and check the logits against one
+    full-sequence forward (exit 1 on a mismatch).
+    """
+    import torch
+
+    from umc.reference import build_model, load_weights
+    from umc.reference import save_weights as write_weights
+
+    spec = load_spec(spec_path)
+    total = prompt + steps
+    if total > spec.model.max_seq_len:
+        raise SpecError(spec_path, None, "model.max_seq_len", f"prompt + steps = {total} exceeds {spec.model.max_seq_len}")
+    model = build_model(spec, seed=seed)
+    if weights:
+        load_weights(model, weights)
+    if save_weights:
+        write_weights(model, save_weights)
+    tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        started = time.perf_counter()
+        full, _ = model(tokens)
+        full_s = time.perf_counter() - started
+        started = time.perf_counter()
+        logits, state = model(tokens[:, :prompt])
+        pieces = [logits]
+        for t in range(prompt, total):
+            logits, state = model(tokens[:, t:t + 1], state)
+            pieces.append(logits)
+        decode_s = time.perf_counter() - started
+    error = (torch.cat(pieces, dim=1) - full).abs().max().item()
+    scale = full.abs().max().item()
+    limit = DECODE_TOLERANCE[spec.dtype] * max(scale, 1.0)
+    params = sum(p.numel() for p in model.parameters())
+    click.echo(f"{spec.name}: {human(params)} parameters, batch {batch}, prompt {prompt}, {steps} decode steps")
+    click.echo(f"  full forward {full_s * 1e3:.1f} ms; prefill + decode {decode_s * 1e3:.1f} ms")
+    click.echo(f"  decode vs full-sequence logits: max abs error {error:.3e} (max |logit| {scale:.3f}, limit {limit:.1e})")
+    if error > limit:
+        click.echo("FAIL: decoding does not reproduce the full-sequence forward", err=True)
+        sys.exit(1)
+    click.echo("OK")
