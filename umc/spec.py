@@ -1,16 +1,18 @@
 """Declarative model specs: YAML in, frozen typed records out, every user mistake a SpecError.
 
 A spec describes one UltraMem (or PKM) decoder language model (DESIGN.md §2). The
-loader parses YAML twice, both times safely: ``yaml.compose`` (SafeLoader) for the
-node tree, which gives line numbers and catches duplicate keys, and
-``yaml.safe_load`` for the values. Validation is table-driven: each section lists
-its fields with a parser; cross-field rules follow.
+loader parses YAML once, safely: a SafeLoader composes the node tree, which gives
+line numbers and catches duplicate keys, then builds the values from that same tree
+(tags such as ``!!python/...`` are refused, never run). Validation is table-driven:
+each section lists its fields with a parser; cross-field rules follow.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
+import reprlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +21,7 @@ import yaml
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+INT_MAX = 2**63 - 1  # every size and the seed must fit an int64 (torch shapes, generator seeds)
 
 
 class SpecError(ValueError):
@@ -190,27 +193,63 @@ def _index_lines(source: str, root: yaml.Node) -> dict[tuple, int]:
     return lines
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that reports a value it cannot build (2001-02-30, ``!!int abc``, an empty ``!!int``,
+    a 5000-digit integer) as a ConstructorError at that value's node instead of a bare ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as exc:  # LookupError: empty !!int
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            problem = f"cannot read {tag} value {_show(node.value)}: {exc}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _yaml_error(source: str, text: str, exc: yaml.YAMLError) -> SpecError:
+    """The SpecError for a YAML error, at the line PyYAML points to."""
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
+        return SpecError(source, line, "", f"unsupported YAML value: {exc.problem} "
+                         "(allowed: plain strings, numbers, booleans, null, lists and mappings; no tags)")
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        return SpecError(source, line, "", f"YAML syntax error: {exc.problem or exc.context}")
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: position is an offset into the text
+        line = text.count("\n", 0, exc.position) + 1
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        return SpecError(source, line, "", f"control character {char} is not allowed in YAML (allowed: printable text, tabs, newlines)")
+    return SpecError(source, None, "", f"YAML error: {exc}")
+
+
+def _load(source: str, text: str) -> tuple[yaml.Node | None, dict[tuple, int], Any]:
+    """Compose the node tree, index its lines (catching duplicate keys), then build values from it."""
+    loader = _SafeLoader(text)  # raises ReaderError on a control character
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, {}, None
+        lines = _index_lines(source, root)
+        return root, lines, loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
 def _parse_yaml(source: str, text: str) -> _Document:
     """Safely parse YAML text into data and a line index, or raise SpecError."""
     if not text.strip():
         raise SpecError(source, 1, "", "the file is empty (expected a mapping with keys model and memory)")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        raise SpecError(source, line, "", f"YAML syntax error: {exc.problem or exc.context}") from None
+        root, lines, data = _load(source, text)
     except yaml.YAMLError as exc:
-        raise SpecError(source, None, "", f"YAML error: {exc}") from None
+        raise _yaml_error(source, text, exc) from None
     except RecursionError:
         raise SpecError(source, None, "", "YAML nesting is too deep") from None
     if root is None or data is None:
-        raise SpecError(source, 1, "", "the file holds no document (expected a mapping with keys model and memory)")
-    lines = _index_lines(source, root)
+        raise SpecError(source, lines.get((), 1), "", "the file holds no document (expected a mapping with keys model and memory)")
     if not isinstance(data, dict):
-        kind = type(data).__name__
-        raise SpecError(source, lines[()], "", f"the document is a {kind}, expected a mapping with keys model and memory")
+        raise SpecError(source, lines[()], "", f"the document is {_type_name(data)}, expected a mapping with keys model and memory")
     return _Document(source, data, lines)
 
 
@@ -225,46 +264,67 @@ def _type_name(value: Any) -> str:
             list: "a list", dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _int(minimum: int = 1) -> Parser:
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxset, _SHORT.maxtuple = 2, 4, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for messages: a billion-laughs alias bomb or a huge number stays one short line."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int beyond Python's str() digit limit
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<{_type_name(value)}>"
+
+
+def _int(minimum: int = 1, maximum: int = INT_MAX) -> Parser:
     def parse(doc: _Document, path: tuple, value: Any) -> int:
+        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        allowed += " below 2**63" if maximum == INT_MAX else f" and <= {maximum}"
         if isinstance(value, bool) or not isinstance(value, int):
-            raise doc.error(path, f"expected an integer, got {_type_name(value)} {value!r}")
+            raise doc.error(path, f"expected an integer, got {_type_name(value)} {_show(value)} (allowed: {allowed})")
         if value < minimum:
-            allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise doc.error(path, f"{value} is too small (allowed: {allowed})")
+            raise doc.error(path, f"{_show(value)} is too small (allowed: {allowed})")
+        if value > maximum:
+            raise doc.error(path, f"{_show(value)} is too large (allowed: {allowed})")
         return value
     return parse
 
 
 def _positive_float(doc: _Document, path: tuple, value: Any) -> float:
+    allowed = "a finite number > 0"
     if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
         try:
             value = float(value)
         except ValueError:
-            raise doc.error(path, f"expected a number, got the string {value!r}") from None
+            raise doc.error(path, f"expected a number, got the string {_show(value)} (allowed: {allowed})") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise doc.error(path, f"expected a number, got {_type_name(value)} {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise doc.error(path, f"{value} is not allowed (allowed: a finite number > 0)")
-    return float(value)
+        raise doc.error(path, f"expected a number, got {_type_name(value)} {_show(value)} (allowed: {allowed})")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number) or number <= 0:
+        raise doc.error(path, f"{_show(value)} is not allowed (allowed: {allowed})")
+    return number
 
 
 def _bool(doc: _Document, path: tuple, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise doc.error(path, f"expected true or false, got {_type_name(value)} {value!r}")
+        raise doc.error(path, f"expected true or false, got {_type_name(value)} {_show(value)} (allowed: true, false)")
     return value
 
 
 def _string(doc: _Document, path: tuple, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise doc.error(path, f"expected a non-empty string, got {_type_name(value)} {value!r}")
+        raise doc.error(path, f"expected a non-empty string, got {_type_name(value)} {_show(value)} (allowed: a non-empty string)")
     return value
 
 
 def _choice(*choices: str) -> Parser:
     def parse(doc: _Document, path: tuple, value: Any) -> str:
         if not isinstance(value, str) or value not in choices:
-            raise doc.error(path, f"{value!r} is not allowed (allowed: {', '.join(choices)})")
+            raise doc.error(path, f"{_show(value)} is not allowed (allowed: {', '.join(choices)})")
         return value
     return parse
 
@@ -275,6 +335,17 @@ def _optional(inner: Parser) -> Parser:
     return parse
 
 
+_UNIT = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*")  # ASCII digits only: int() rejects some Unicode digits
+_UNIT_ALLOWED = '(allowed: "read:write" with 0-based block indices, e.g. "2:5")'
+
+
+def _unit_hint(value: Any) -> str:
+    """YAML 1.1 reads an unquoted 2:5 as the base-60 integer 125: say so."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "; quote it: YAML reads an unquoted 2:5 as the base-60 number 125"
+    return ""
+
+
 def _units(doc: _Document, path: tuple, value: Any) -> tuple[MemoryUnit, ...]:
     """Units as "2:5/6:9" or as a list of "read:write" strings."""
     if isinstance(value, str):
@@ -282,15 +353,18 @@ def _units(doc: _Document, path: tuple, value: Any) -> tuple[MemoryUnit, ...]:
     elif isinstance(value, list):
         items = [(path + (i,), item) for i, item in enumerate(value)]
     else:
-        raise doc.error(path, f'expected "read:write" strings, e.g. "2:5/6:9" or ["2:5", "6:9"], got {_type_name(value)}')
+        raise doc.error(path, f'expected "read:write" strings, e.g. "2:5/6:9" or ["2:5", "6:9"], '
+                              f'got {_type_name(value)}{_unit_hint(value)}')
     if not items:
         raise doc.error(path, 'no memory units given (allowed: one or more "read:write" strings)')
     units = []
     for item_path, item in items:
-        parts = item.split(":") if isinstance(item, str) else []
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise doc.error(item_path, f'{item!r} is not a unit (allowed: "read:write" with 0-based block indices, e.g. "2:5")')
-        units.append(MemoryUnit(int(parts[0]), int(parts[1])))
+        match = _UNIT.fullmatch(item) if isinstance(item, str) else None
+        if match is None:
+            raise doc.error(item_path, f"{_show(item)} is not a unit{_unit_hint(item)} {_UNIT_ALLOWED}")
+        if any(len(index.lstrip("0")) > 18 for index in match.groups()):  # also keeps int() under its digit limit
+            raise doc.error(item_path, f"{_show(item)}: block index too large (allowed: 0-based block indices below n_layers)")
+        units.append(MemoryUnit(int(match[1]), int(match[2])))
     return tuple(units)
 
 
@@ -352,7 +426,8 @@ def _fields(doc: _Document, path: tuple, section: Any, table: dict[str, tuple[Pa
     for key, (parser, default) in table.items():
         if key not in section:
             if default is REQUIRED:
-                raise doc.error(path, f"missing required key {key!r}")
+                required = [k for k, (_, d) in table.items() if d is REQUIRED]
+                raise doc.error(path, f"missing required key {key!r} (required: {', '.join(required)})")
             out[key] = default
         elif parser is None:
             out[key] = section[key]
@@ -399,7 +474,8 @@ def _check_memory(doc: _Document, mem: dict[str, Any], model: ModelSpec) -> Memo
     if mem["topm"] > keys_per_side:
         raise doc.error(p + ("topm",), f"{mem['topm']} exceeds the keys per side sqrt(value_expansion)*knum = {keys_per_side} (allowed: 1..{keys_per_side})")
     if not mem["output_projection"] and (expansion != 1 or mem["vdim"] != model.d_model):
-        raise doc.error(p + ("output_projection",), f"false needs value_expansion 1 and vdim == d_model {model.d_model} (got value_expansion {expansion}, vdim {mem['vdim']})")
+        raise doc.error(p + ("output_projection",), f"false needs value_expansion 1 and vdim == d_model {model.d_model}, got value_expansion {expansion}, vdim {mem['vdim']} "
+                                                    f"(allowed: true, or false with value_expansion 1 and vdim {model.d_model})")
     return MemorySpec(**mem)
 
 
@@ -416,8 +492,9 @@ def load_spec(path: str | Path) -> Spec:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(source, None, "", f"cannot read the file: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise SpecError(source, None, "", f"cannot read the file: {reason} (allowed: a readable UTF-8 YAML file)") from None
     return parse_spec(text, source=source, default_name=Path(path).stem)
 
 
