@@ -235,6 +235,10 @@ def _gather_pool(attrs, table, row, block, scores):
     return (_scatter_blocks(attrs, rows, block)[0].flatten(-2),)
 
 
+impl("fork")(one(lambda a, x: x))
+impl("join_add")(one(lambda a, x, y: x + y))
+
+
 def run_op(op: str, attrs: dict[str, Any], inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Execute one op; KeyError names an op without a torch implementation."""
     if op not in TORCH_IMPLS:

@@ -149,7 +149,8 @@ def _lower_model(spec: Spec, decode: bool) -> Graph:
     x = _norm(b, model, dtype, x, "norm")
     head = weight("embed.weight" if model.tie_embeddings else "lm_head.weight", model.vocab_size, d)
     logits = b.one("linear", x, head)
-    return b.build({"logits": logits, **outputs, **conv_out}, meta={"spec": spec.name})
+    return b.build({"logits": logits, **outputs, **conv_out},
+                   meta={"spec": spec.name, "units": tuple(str(u) for u in mem.units)})
 
 
 def lower(spec: Spec) -> dict[str, Graph]:

@@ -442,3 +442,19 @@ def _gather_pool(ins, attrs):
     table, row, block, scores = ins
     _expect(row.shape == block.shape == scores.shape[:-1], "gather_pool", f"{ins}")
     return (table.with_shape(*row.shape[:2], attrs["E"] * table.shape[1]),)
+
+
+# ---------------------------------------------------------------- concurrency markers (skip-layer overlap)
+
+
+@register("fork")
+def _fork(ins, attrs):
+    """Identity that starts concurrent branch attrs.branch: everything downstream of it on that stream may run
+    alongside the main stream."""
+    return (ins[0],)
+
+
+@register("join_add", _elementwise_cost)
+def _join_add(ins, attrs):
+    """Residual add that waits for branch attrs.branch: main + branch output."""
+    return _add(ins, attrs)
