@@ -6,8 +6,9 @@ Three rewrites per memory layer, all exact in real arithmetic:
   ``key_scores(q, K_u)``, and only the m winners' rank scores are computed
   (``gathered_rank_scores``) for the Tucker grid.
 - norm scale + causal conv + query projection: ``linear(conv(rms_norm(x) * w), Wq)``
-  becomes ``conv_query_proj(rms_normalize(x), taps, bias)`` with per-tap matrices
-  ``Wq diag(c_j * w)`` and bias ``Wq b`` folded at load time. The decode conv state
+  becomes ``conv_query_proj(rms_normalize(x), taps, b, Wq)`` with conv taps
+  ``c_j * w`` folded at load time (fusing the projection into every tap would cost K
+  times its FLOPs, so the op convolves first and projects once). The decode conv state
   then holds normalized, unscaled inputs (prefill and decode of one build agree).
   A LayerNorm model norm has a bias that the conv's zero padding does not see, so
   there only conv and projection fuse (the state keeps the normed input).
@@ -53,6 +54,7 @@ def query_conv_folding(graph: Graph) -> tuple[Graph, list[str]]:
         else:
             editor.keep(node)
     result = editor.finish()
+    notes = [f"{note} (x{notes.count(note)})" if notes.count(note) > 1 else note for note in dict.fromkeys(notes)]
     hoisted = len(result.init_nodes) - len(graph.init_nodes)
     if notes and hoisted:
         notes.append(f"{hoisted} weight-only nodes (key LayerNorm, K_u, folded projections) now run once at load time")
@@ -102,9 +104,8 @@ def _fuse_query_projection(editor: Editor, proj: Node, producers: dict[int, Node
         editor.replace(proj.outputs[0], editor.one("linear", features, folded_w, scope=scope, stream=stream))
         return f"{scope}: norm scale folded into the query projection"
     _, conv_w, conv_b, *state = conv.inputs
-    taps = editor.one("conv_taps", wq, conv_w, *scale, scope=scope)
-    bias = editor.one("linear", conv_b, wq, scope=scope)
-    query, new_state = editor.emit("conv_query_proj", features, taps, bias, *state, scope=scope, stream=stream)
+    taps = editor.one("scale_rows", conv_w, *scale, scope=scope) if scale else conv_w
+    query, new_state = editor.emit("conv_query_proj", features, taps, conv_b, wq, *state, scope=scope, stream=stream)
     editor.replace(proj.outputs[0], query)
     editor.replace(conv.outputs[1], new_state)
     what = "norm scale, causal conv" if fold_scale else "causal conv"

@@ -217,16 +217,13 @@ def _gathered_rank_scores(attrs, q, keys, index):
 impl("scale_columns")(one(lambda a, w, s: w * s))
 
 
-@impl("conv_taps")
-def _conv_taps(attrs, w, conv, scale=None):
-    columns = conv.T if scale is None else conv.T * scale  # (K, D)
-    return (w.unsqueeze(0) * columns.unsqueeze(1),)
+impl("scale_rows")(one(lambda a, w, s: w * s[:, None]))
 
 
 @impl("conv_query_proj")
-def _conv_query_proj(attrs, x, taps, bias, state=None):
-    windows, new_state = _causal_taps(x, state, taps.shape[0])
-    return sum(window @ taps[j].T for j, window in enumerate(windows)) + bias, new_state
+def _conv_query_proj(attrs, x, taps, bias, wq, state=None):
+    conv, new_state = _query_conv({"kernel": taps.shape[1]}, x, taps, bias, state)
+    return conv @ wq.T, new_state
 
 
 @impl("gather_pool")

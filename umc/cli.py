@@ -25,15 +25,20 @@ def human(count: float) -> str:
 
 
 def user_errors(command):
-    """Turn user mistakes (bad spec, bad weights file) into exit code 2 and one line on stderr."""
+    """Turn user mistakes (bad spec, weights, build directory, option) into exit code 2 and one line on stderr."""
 
     @wraps(command)
     def run(*args, **kwargs):
+        from safetensors import SafetensorError
+
+        from umc.compiler import BuildError
         from umc.reference.weights import WeightsError
+        from umc.runtime import BuildDirError
+        from umc.runtime.graph_backend import BindError
 
         try:
             return command(*args, **kwargs)
-        except (SpecError, WeightsError) as exc:
+        except (SpecError, WeightsError, BuildError, BuildDirError, BindError, SafetensorError, OSError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
@@ -133,3 +138,86 @@ def eager(spec_path, seed, weights, save_weights, batch, prompt, steps):
         click.echo("FAIL: decoding does not reproduce the full-sequence forward", err=True)
         sys.exit(1)
     click.echo("OK")
+
+
+def print_checks(checks) -> bool:
+    """A table of checks; True when all passed."""
+    click.echo(f"{'output':<20} {'step':<30} {'max abs':>10} {'max rel':>10} {'limit':>10}  result")
+    for c in checks:
+        status = "ok" if c.ok else "FAIL"
+        note = f"  ({c.note})" if c.note else ""
+        click.echo(f"{c.output:<20} {c.step:<30} {c.max_abs:>10.3g} {c.max_rel:>10.3g} {c.limit:>10.3g}  {status}{note}")
+    return all(c.ok for c in checks)
+
+
+def _pass_list(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+@main.command(name="compile")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Build directory.")
+@click.option("--passes", default=None, help="Comma-separated passes to run, in order (default: the whole pipeline).")
+@click.option("--disable-pass", "disabled", multiple=True, help="Leave out a pass (repeatable).")
+@click.option("--dump-after", default=None, help="Write IR text after this pass only ('all': after each; default all).")
+@click.option("--force", is_flag=True, help="Replace an existing build directory.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@user_errors
+def compile_command(spec_path, out_dir, passes, disabled, dump_after, force, quiet):
+    """Compile a spec into a build directory (IR, graphs, report)."""
+    from umc.compiler import compile as compile_spec
+
+    say = (lambda _: None) if quiet else (lambda line: click.echo(line, err=True))
+    build = compile_spec(spec_path, out_dir, passes=_pass_list(passes), disable=tuple(disabled),
+                         dump_after=dump_after, force=force, progress=say)
+    if not quiet:
+        final = build.report["decode_cost_batch1"]
+        click.echo(f"{build.spec.name}: passes {', '.join(build.passes) or '(none)'}; "
+                   f"prefill {len(build.graphs['prefill'].nodes)} nodes, decode {len(build.graphs['decode'].nodes)} nodes; "
+                   f"decode FLOPs/token {human(final['initial']['flops'])} -> {human(final['final']['flops'])}")
+
+
+@main.command()
+@click.argument("build_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--backend", type=click.Choice(["graph"]), default="graph", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Weight and token seed.")
+@click.option("--steps", type=click.IntRange(0), default=8, show_default=True, help="Decode steps after the prompt.")
+@click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--prompt", type=click.IntRange(1), default=8, show_default=True, help="Prompt length.")
+@user_errors
+def verify(build_dir, backend, seed, steps, batch, prompt):
+    """Check a build against the eager reference.
+
+    Exit 1 on a mismatch.
+    Builds the eager model with SEED, runs a prompt and STEPS decode steps through both, and
+    compares logits per step and the final KV cache within the dtype's tolerance.
+    """
+    from umc.verify import verify_build
+
+    checks = verify_build(build_dir, backend=backend, seed=seed, steps=steps, batch=batch, prompt=prompt)
+    if not print_checks(checks):
+        click.echo("FAIL: the build does not match the eager reference", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {len(checks)} checks within tolerance")
+
+
+@main.command(name="verify-golden")
+@click.argument("files", metavar="FILE.safetensors...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["graph"]), default="graph", show_default=True)
+@user_errors
+def verify_golden_command(files, backend):
+    """Check compiled memory layers against golden files.
+
+    Compiles each file's layer through the full pipeline; exit 1 on a mismatch.
+    """
+    from umc.verify import verify_golden
+
+    failed = 0
+    for path in files:
+        click.echo(f"== {path}")
+        if not print_checks(verify_golden(path, backend=backend)):
+            failed += 1
+    if failed:
+        click.echo(f"FAIL: {failed} of {len(files)} golden files do not match", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {len(files)} golden files match")

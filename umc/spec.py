@@ -206,21 +206,27 @@ class _SafeLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
+def _clip(text: str | None, limit: int = 200) -> str:
+    """PyYAML quotes the offending text (an alias name, a tag) in full: keep messages one short line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _yaml_error(source: str, text: str, exc: yaml.YAMLError) -> SpecError:
     """The SpecError for a YAML error, at the line PyYAML points to."""
     if isinstance(exc, yaml.constructor.ConstructorError):
         line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
-        return SpecError(source, line, "", f"unsupported YAML value: {exc.problem} "
+        return SpecError(source, line, "", f"unsupported YAML value: {_clip(exc.problem)} "
                          "(allowed: plain strings, numbers, booleans, null, lists and mappings; no tags)")
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        return SpecError(source, line, "", f"YAML syntax error: {exc.problem or exc.context}")
+        return SpecError(source, line, "", f"YAML syntax error: {_clip(exc.problem or exc.context)}")
     if isinstance(exc, yaml.reader.ReaderError):  # a control character: position is an offset into the text
         line = text.count("\n", 0, exc.position) + 1
         char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
         return SpecError(source, line, "", f"control character {char} is not allowed in YAML (allowed: printable text, tabs, newlines)")
-    return SpecError(source, None, "", f"YAML error: {exc}")
+    return SpecError(source, None, "", f"YAML error: {_clip(str(exc))}")
 
 
 def _load(source: str, text: str) -> tuple[yaml.Node | None, dict[tuple, int], Any]:

@@ -146,7 +146,7 @@ def _embedding(ins, attrs):
 
 
 def _norm_cost(ins, outs, attrs) -> tuple[int, int]:
-    return 5 * outs[0].numel, sum(_weight_bytes(w) for w in ins[1:])
+    return 5 * outs[0].numel, sum(_weight_bytes(w) for w in ins)
 
 
 @register("rms_norm", _norm_cost)
@@ -413,27 +413,32 @@ def _scale_columns(ins, attrs):
     return (w,)
 
 
-@register("conv_taps")
-def _conv_taps(ins, attrs):
-    """Per-tap projections W diag(c_j [* norm scale]) -> (K, Q, D) for conv weight c (D, K)."""
-    w, conv, *scale = ins
-    _expect(conv.shape[0] == w.shape[1], "conv_taps", f"{ins}")
-    return (w.with_shape(conv.shape[1], *w.shape),)
+@register("scale_rows")
+def _scale_rows(ins, attrs):
+    """diag(s) W: a norm's scale folded into per-channel conv taps (D, K)."""
+    w, scale = ins
+    _expect(scale.shape == w.shape[:1], "scale_rows", f"{ins}")
+    return (w,)
 
 
-@register("conv_query_proj", lambda i, o, a: (2 * o[0].numel * i[1].shape[0] * i[1].shape[2],
-                                             _weight_bytes(i[1]) + _weight_bytes(i[2])))
+def _conv_proj_cost(ins, outs, attrs) -> tuple[int, int]:
+    x, taps, bias, wq = ins[:4]
+    tokens = x.numel // x.shape[-1]
+    return tokens * (2 * taps.numel + 2 * wq.numel), sum(_weight_bytes(w) for w in (taps, bias, wq))
+
+
+@register("conv_query_proj", _conv_proj_cost)
 def _conv_query_proj(ins, attrs):
-    """q_t = sum_j taps[j] x_{t-j} + bias: norm scale, causal conv and query projection in one op.
+    """q = Wq (sum_j taps[:, j] * x_{t-j} + bias): (scaled) causal depthwise conv and query projection in one op.
 
     Optional state (B,K-1,D) of past inputs in; new state out.
     """
-    x, taps, bias, *state = ins
-    kernel, width = taps.shape[0], taps.shape[1]
-    _expect(taps.shape[2] == x.shape[-1] and bias.shape == (width,), "conv_query_proj", f"{ins}")
-    state_type = x.with_shape(x.shape[0], kernel - 1, x.shape[-1])
+    x, taps, bias, wq, *state = ins
+    width = x.shape[-1]
+    _expect(taps.shape[0] == width and bias.shape == (width,) and wq.shape[1] == width, "conv_query_proj", f"{ins}")
+    state_type = x.with_shape(x.shape[0], taps.shape[1] - 1, width)
     _expect(not state or state[0] == state_type, "conv_query_proj", f"state {state}")
-    return x.with_shape(*x.shape[:-1], width), state_type
+    return x.with_shape(*x.shape[:-1], wq.shape[0]), state_type
 
 
 @register("gather_pool", lambda i, o, a: (2 * i[1].numel * i[0].shape[1], _gather_bytes(i[0], i[1].numel)))

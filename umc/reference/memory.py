@@ -151,6 +151,44 @@ class MemoryLayer(nn.Module):
         pooled = pooled.flatten(1)
         return self.values_proj(pooled) if spec.output_projection else pooled
 
+    def side_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores each side's top-m is taken over, (M, H, n) each: rank-1 coarse scores for
+        ultramem, key scores for pkm. Verification uses them to recognise rounding-level ties."""
+        q_row, q_col = self._queries(x)
+        keys = self._normed_keys()
+        if self.spec.kind == "pkm":
+            return (torch.einsum("thd,hnd->thn", q_row, keys[:, 0]), torch.einsum("thd,hnd->thn", q_col, keys[:, 1]))
+        rank = self.spec.tucker_rank
+        u = self.tucker_core_u.reshape(1, -1, 1, rank)
+        v = self.tucker_core_v.reshape(1, -1, 1, rank)
+        s_row = torch.einsum("thd,hndr->thnr", q_row, keys[:, 0])
+        s_col = torch.einsum("thd,hndr->thnr", q_col, keys[:, 1])
+        return (s_row * u).sum(-1), (s_col * v).sum(-1)
+
+    def scores_at(self, x: torch.Tensor, address: torch.Tensor) -> torch.Tensor:
+        """Per-core scores (M, H*m, h), before the activation, of given grid addresses (M, H*m), head-major."""
+        spec = self.spec
+        n = spec.keys_per_side
+        q_row, q_col = self._queries(x)
+        keys = self._normed_keys()
+        heads = torch.arange(spec.heads).repeat_interleave(spec.topm)  # head of each address column
+        row, col = address // n, address % n
+        if spec.kind == "pkm":
+            s_row = torch.einsum("tkd,tkd->tk", q_row[:, heads], keys[heads, 0, row])
+            s_col = torch.einsum("tkd,tkd->tk", q_col[:, heads], keys[heads, 1, col])
+            return (s_row + s_col).unsqueeze(-1)
+        s_row = torch.einsum("tkd,tkdr->tkr", q_row[:, heads], keys[heads, 0, row])
+        s_col = torch.einsum("tkd,tkdr->tkr", q_col[:, heads], keys[heads, 1, col])
+        cores = torch.stack(list(self.tucker_core), dim=1)[heads]  # (K, h, r, r)
+        return torch.einsum("tkr,kcrs,tks->tkc", s_row, cores, s_col)
+
+    def output_at(self, x: torch.Tensor, address: torch.Tensor) -> torch.Tensor:
+        """The layer's output (M, D) had it selected ``address`` (M, H*m): the oracle for a given selection."""
+        scores = self.scores_at(x, address)
+        heads, m = self.spec.heads, self.spec.topm
+        scores = self._activate(scores.view(-1, heads, m, scores.shape[-1])).flatten(1, 2)
+        return self._pool(address, scores)
+
     def retrieve(self, x: torch.Tensor) -> Retrieval:
         """Look up memory for already conv-ed tokens x (M, D); returns choices and output."""
         q_row, q_col = self._queries(x)

@@ -1,0 +1,84 @@
+"""Sessions: a build directory plus weights, ready to prefill and decode.
+
+``load(build_dir, backend="graph", weights=...)`` checks the manifest's hashes, reads
+the final prefill and decode graphs, binds the weights by parameter name (the eager
+model's state-dict names; inside memory layers, the authors' checkpoint names) and runs
+their load-time nodes once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from umc.ir.serialize import graph_from_json
+from umc.runtime.graph_backend import bind, execute
+
+BACKENDS = ("graph",)
+
+
+class BuildDirError(ValueError):
+    """A build directory that is missing, incomplete or modified."""
+
+
+State = dict[str, torch.Tensor]
+
+
+def read_manifest(build_dir: Path) -> dict:
+    """The manifest, after checking every listed file's sha256."""
+    path = build_dir / "manifest.json"
+    if not path.is_file():
+        raise BuildDirError(f"{build_dir}: no manifest.json (not a umc build directory, or an incomplete one)")
+    manifest = json.loads(path.read_text())
+    for name, digest in manifest["artifacts"].items():
+        file = build_dir / name
+        if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+            raise BuildDirError(f"{build_dir}: {name} is missing or was modified after the build")
+    return manifest
+
+
+class Session:
+    """Prefill and decode through one backend; the state is a dict of named tensors."""
+
+    def __init__(self, build_dir: Path, weights: Mapping[str, torch.Tensor], backend: str, threads: bool):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (allowed: {', '.join(BACKENDS)})")
+        self.manifest = read_manifest(build_dir)
+        self.spec = json.loads((build_dir / "spec.json").read_text())
+        self.graphs = {kind: graph_from_json(json.loads((build_dir / f"graphs/{kind}.json").read_text()))
+                       for kind in ("prefill", "decode")}
+        self.bound = {kind: bind(graph, weights) for kind, graph in self.graphs.items()}
+        self.threads = threads
+
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """tokens (B, T) -> logits (B, T, vocab) and the state to continue from."""
+        out = execute(self.graphs["prefill"], self.bound["prefill"], {"tokens": tokens}, self.threads)
+        return out.pop("logits"), out
+
+    def decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token per sequence (B, 1) after ``state`` -> logits (B, 1, vocab) and the new state."""
+        feeds = {"tokens": tokens}
+        for value in self.graphs["decode"].inputs:
+            if value.name != "tokens":
+                feeds[value.name] = state[value.name.replace("past_", "present_")]
+        out = execute(self.graphs["decode"], self.bound["decode"], feeds, self.threads)
+        return out.pop("logits"), out
+
+
+def load(build_dir: str | Path, backend: str = "graph", weights: str | Path | Mapping[str, torch.Tensor] | None = None,
+         threads: bool = True) -> Session:
+    """Open a build directory with weights: a safetensors file, a state dict, or (default)
+    ``build_dir/weights.safetensors``."""
+    build_dir = Path(build_dir)
+    if weights is None:
+        weights = build_dir / "weights.safetensors"
+        if not weights.is_file():
+            raise BuildDirError(f"{build_dir}: no weights given and no weights.safetensors in the build")
+    if not isinstance(weights, Mapping):
+        weights = load_file(str(weights))
+    return Session(build_dir, weights, backend, threads)

@@ -1,0 +1,85 @@
+"""Cost of IR graphs from the op registry's cost rules: FLOPs and bytes per token, per memory unit.
+
+Costs are evaluated on the decode graph (one new token per sequence) at a given batch,
+with an empty KV cache (attention over the context is excluded, as in ``umc check``).
+Value bytes are the rows a gather reads: ``min(B*H*m, N)`` rows per layer and step
+(DESIGN.md §6), so per token they fall as the batch grows and rows are shared.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from umc.ir.core import DTYPE_BYTES, Dim, Graph
+from umc.ir.ops import OPS, Operand
+
+VALUE_GATHERS = ("gather_values", "gather_pool")
+BATCHES = (1, 8, 64, 512)
+_UNIT = re.compile(r"mem(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs, bytes of weights read (values included), and bytes of value rows read."""
+
+    flops: float = 0.0
+    weight_bytes: float = 0.0
+    value_bytes: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.weight_bytes + other.weight_bytes, self.value_bytes + other.value_bytes)
+
+    def per(self, tokens: int) -> "Cost":
+        """Divided by a token count."""
+        return Cost(self.flops / tokens, self.weight_bytes / tokens, self.value_bytes / tokens)
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain data, rounded for stable JSON."""
+        return {"flops": round(self.flops, 3), "weight_bytes": round(self.weight_bytes, 3),
+                "value_bytes": round(self.value_bytes, 3)}
+
+
+def _dim(d: Dim, env: dict[str, int]) -> int:
+    if isinstance(d, int):
+        return d
+    return sum(int(p) if p.isdigit() else env[p] for p in str(d).split("+"))
+
+
+def node_costs(graph: Graph, env: dict[str, int]) -> list[tuple[str, Cost]]:
+    """(scope, cost) of every per-call node with symbolic dims bound by ``env``.
+
+    Values computed from weights alone count as weights (their readers read weight bytes),
+    whether they are computed at load time or, unoptimized, on every call.
+    """
+    weights = {v.id for v in graph.params} | {v.id for n in graph.init_nodes for v in n.outputs}
+
+    def operand(v) -> Operand:
+        return Operand(tuple(_dim(d, env) for d in v.type.shape), DTYPE_BYTES[v.type.dtype], v.id in weights)
+
+    out = []
+    for node in graph.nodes:
+        if node.inputs and all(v.id in weights for v in node.inputs):
+            weights.update(v.id for v in node.outputs)  # recomputed from weights on every call
+        flops, nbytes = OPS[node.op].cost(tuple(map(operand, node.inputs)), tuple(map(operand, node.outputs)),
+                                          dict(node.attrs))
+        out.append((node.scope, Cost(flops, nbytes, nbytes if node.op in VALUE_GATHERS else 0)))
+    return out
+
+
+def decode_cost(graph: Graph, batch: int = 1) -> tuple[Cost, dict[int, Cost]]:
+    """Per-token cost of one decode step at ``batch``: the whole graph and each memory unit."""
+    env = {"B": batch, "T": 1, "S_past": 0}
+    total, units = Cost(), {}
+    for scope, cost in node_costs(graph, env):
+        total = total + cost
+        match = _UNIT.match(scope)
+        if match:
+            j = int(match.group(1))
+            units[j] = units.get(j, Cost()) + cost
+    return total.per(batch), {j: c.per(batch) for j, c in sorted(units.items())}
+
+
+def node_count(graph: Graph) -> dict[str, int]:
+    """Per-call and load-time node counts."""
+    return {"nodes": len(graph.nodes), "init_nodes": len(graph.init_nodes)}

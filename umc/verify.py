@@ -1,0 +1,184 @@
+"""Equivalence checks: compiled artifacts against the eager reference and the golden files (DESIGN.md §7).
+
+This module is the bridge: it imports both the oracle (``umc.reference``) and the
+compiler side, which never import each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors.torch import load_file
+
+from umc.lower import lower_layer
+from umc.passes import PIPELINE, run_pipeline
+from umc.reference import build_model, memory_layer_from_official
+from umc.reference.official import official_memory_spec
+from umc.runtime import load
+from umc.runtime.session import read_manifest
+from umc.runtime.graph_backend import bind, execute
+from umc.spec import spec_from_dict
+
+# float32: error relative to the reference's max magnitude (layer 1e-5, whole-model logits 1e-4)
+LAYER_TOLERANCE = 1e-5
+LOGITS_TOLERANCE = 1e-4
+# float16/bfloat16: no further from float64 than eager at the same dtype (times slack), and a loose bound
+LOW_PRECISION_SLACK = 1.25
+LOW_PRECISION_BOUND = {"float16": 0.05, "bfloat16": 0.25}
+TIE_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One compared output: errors, the limit they must stay under, and whether they do."""
+
+    output: str
+    step: str
+    max_abs: float
+    max_rel: float
+    limit: float
+    ok: bool
+    note: str = ""
+
+
+def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float]:
+    diff = (got.double() - want.double()).abs()
+    scale = want.double().abs().max().item()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    return max_abs, max_abs / scale if scale else max_abs, scale
+
+
+def compare(output: str, step: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> Check:
+    """float32 rule: max abs error within ``tolerance`` x max |want|."""
+    max_abs, max_rel, scale = _errors(got, want)
+    limit = tolerance * max(scale, 1e-30)
+    return Check(output, step, max_abs, max_rel, limit, max_abs <= limit)
+
+
+def compare_low_precision(output: str, step: str, got: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
+                          dtype: str) -> Check:
+    """At-least-as-close rule: |got - float64| <= slack * |eager(dtype) - float64| + 1e-3 * scale, and a loose bound."""
+    got_abs, got_rel, scale = _errors(got, exact)
+    eager_abs, _, _ = _errors(eager, exact)
+    limit = min(LOW_PRECISION_SLACK * eager_abs + 1e-3 * scale, LOW_PRECISION_BOUND[dtype] * scale)
+    return Check(output, step, got_abs, got_rel, limit, got_abs <= limit, f"eager {dtype} error {eager_abs:.3g}")
+
+
+# ---------------------------------------------------------------- whole models
+
+
+def verify_build(build_dir: str | Path, backend: str = "graph", seed: int = 0, steps: int = 8, batch: int = 2,
+                 prompt: int = 8) -> list[Check]:
+    """Prefill + ``steps`` decode steps of random tokens through the build and through the eager model."""
+    build_dir = Path(build_dir)
+    read_manifest(build_dir)
+    spec = spec_from_dict(json.loads((build_dir / "spec.json").read_text()), source=str(build_dir / "spec.json"))
+    eager = build_model(spec, seed=seed)
+    session = load(build_dir, backend=backend, weights=eager.state_dict())
+    total = prompt + steps
+    if total > spec.model.max_seq_len:
+        raise ValueError(f"prompt + steps = {total} exceeds the spec's max_seq_len {spec.model.max_seq_len}")
+    tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(seed))
+    exact = build_model(spec, seed=seed).double() if spec.dtype != "float32" else None
+
+    def check(name: str, step: str, got, want, want64) -> Check:
+        if exact is None:
+            return compare(name, step, got, want, LOGITS_TOLERANCE)
+        return compare_low_precision(name, step, got, want, want64, spec.dtype)
+
+    checks = []
+    with torch.no_grad():
+        chunks = [(0, prompt, "prefill")] + [(t, t + 1, f"decode {t - prompt + 1}") for t in range(prompt, total)]
+        state = eager_state = exact_state = None
+        for start, stop, step in chunks:
+            piece = tokens[:, start:stop]
+            if state is None:
+                got, state = session.prefill(piece)
+            else:
+                got, state = session.decode(piece, state)
+            want, eager_state = eager(piece, eager_state)
+            want64 = None
+            if exact is not None:
+                want64, exact_state = exact(piece, exact_state)
+            checks.append(check("logits", step, got, want, want64))
+        for i, (k, v) in enumerate(eager_state.kv):
+            k64 = exact_state.kv[i][0] if exact is not None else None
+            v64 = exact_state.kv[i][1] if exact is not None else None
+            checks.append(check(f"present_k.{i}", "final", state[f"present_k.{i}"], k, k64))
+            checks.append(check(f"present_v.{i}", "final", state[f"present_v.{i}"], v, v64))
+    return checks
+
+
+# ---------------------------------------------------------------- single layers (golden files)
+
+
+def tie_aware_layer_check(layer, x: torch.Tensor, got_address: torch.Tensor, got_output: torch.Tensor,
+                          dtype: str = "float32") -> list[Check]:
+    """Compare a compiled layer's selection and output with the eager layer, tie-aware (DESIGN.md §7).
+
+    Where the selected sets differ for a (token, head), the difference must be a rounding-level
+    tie: a differing candidate's score within tolerance of the m-th score, or a near-tie at the
+    m-th place of a side's top-m. The output is then compared with the oracle recomputed with
+    the compiled selection.
+    """
+    heads, m = layer.spec.heads, layer.spec.topm
+    with torch.no_grad():
+        ref = layer.retrieve(x)
+        got_sets = got_address.view(-1, heads, m)
+        ref_sets = ref.indices.view(-1, heads, m)
+        differing = [(t, h) for t in range(got_sets.shape[0]) for h in range(heads)
+                     if set(got_sets[t, h].tolist()) != set(ref_sets[t, h].tolist())]
+        unexplained = []
+        if differing:
+            tol = TIE_TOLERANCE[dtype]
+            got_scores = layer.scores_at(x, got_address).sum(-1).view(-1, heads, m)
+            ref_scores = ref.scores.sum(-1).view(-1, heads, m) if layer.spec.score_activation == "none" else \
+                layer.scores_at(x, ref.indices).sum(-1).view(-1, heads, m)
+            sides = layer.side_scores(x)
+            for t, h in differing:
+                scale = max(ref_scores[t, h].abs().max().item(), 1e-30)
+                mth = ref_scores[t, h].min().item()
+                extra = [got_scores[t, h, k].item() for k in range(m) if got_sets[t, h, k].item() not in set(ref_sets[t, h].tolist())]
+                near_grid = all(abs(s - mth) <= tol * scale for s in extra)
+                near_side = False
+                for side in sides:
+                    ordered = side[t, h].sort(descending=True).values
+                    if ordered.numel() > m and (ordered[m - 1] - ordered[m]).abs().item() <= tol * ordered.abs().max().item():
+                        near_side = True
+                if not (near_grid or near_side):
+                    unexplained.append((t, h))
+        oracle = layer.output_at(x, got_address)
+    checks = [Check("indices", "", float(len(differing)), float(len(unexplained)), 0.0, not unexplained,
+                    f"{len(differing)} (token, head) sets differ, {len(unexplained)} beyond rounding")]
+    checks.append(compare("output", "vs oracle with this selection", got_output, oracle, LAYER_TOLERANCE))
+    return checks
+
+
+def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, ...] = PIPELINE) -> list[Check]:
+    """Compile the layer a golden file describes through ``passes``, run its input, compare with its expectations."""
+    if backend != "graph":
+        raise ValueError(f"unknown backend {backend!r} (allowed: graph)")
+    tensors = load_file(str(path))
+    config = json.loads(safetensors.safe_open(str(path), "pt").metadata()["config"])
+    mem = official_memory_spec(config)
+    graph = lower_layer(mem, int(config["hidden_size"]))
+    graph = run_pipeline(graph, passes)[-1].graph if passes else graph
+    x = tensors["input"]
+    flat = x.reshape(1, -1, x.shape[-1])
+    out = execute(graph, bind(graph, tensors), {"x": flat})
+    got_output = out["out"].reshape(-1, x.shape[-1])
+    got_address = out["address"].reshape(got_output.shape[0], -1)
+    expected = tensors["expected_output"].reshape(-1, x.shape[-1])
+    layer = memory_layer_from_official(tensors, config).layer
+    checks = tie_aware_layer_check(layer, flat[0], got_address, got_output)
+    exact = [set(a) == set(b) for a, b in zip(got_address.view(-1, mem.heads, mem.topm).flatten(0, 1).tolist(),
+                                              tensors["expected_indices"].view(-1, mem.heads, mem.topm).flatten(0, 1).tolist())]
+    checks.append(Check("indices vs golden", "", float(exact.count(False)), 0.0, 0.0, all(exact),
+                        f"{exact.count(True)}/{len(exact)} (token, head) sets equal to the authors'"))
+    checks.append(compare("output vs golden", "", got_output, expected, LAYER_TOLERANCE))
+    return checks
+
