@@ -188,9 +188,9 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, force, qui
 def verify(build_dir, backend, seed, steps, batch, prompt):
     """Check a build against the eager reference.
 
-    Exit 1 on a mismatch.
     Builds the eager model with SEED, runs a prompt and STEPS decode steps through both, and
-    compares logits per step and the final KV cache within the dtype's tolerance.
+    compares logits per step and the final KV cache within the dtype's tolerance. Exit 1 on a
+    mismatch.
     """
     from umc.verify import verify_build
 
