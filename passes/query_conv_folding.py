@@ -5,13 +5,13 @@ Three rewrites per memory layer, all exact in real arithmetic:
   rank; with ``K_u = sum_r u_r K[..., r]`` (load time) coarse scoring is one matmul
   ``key_scores(q, K_u)``, and only the m winners' rank scores are computed
   (``gathered_rank_scores``) for the Tucker grid.
-- norm scale + causal conv + query projection: ``linear(conv(rms_norm(x) * w), Wq)``
-  becomes ``conv_query_proj(rms_normalize(x), taps, b, Wq)`` with conv taps
-  ``c_j * w`` folded at load time (fusing the projection into every tap would cost K
-  times its FLOPs, so the op convolves first and projects once). The decode conv state
-  then holds normalized, unscaled inputs (prefill and decode of one build agree).
-  A LayerNorm model norm has a bias that the conv's zero padding does not see, so
-  there only conv and projection fuse (the state keeps the normed input).
+- norm scale + causal conv + query projection: ``linear(query_conv(rms_norm(x, w)), Wq)``
+  becomes one ``norm_conv_query_proj(x, w, c, b, Wq)`` carrying the decode conv state
+  (past normed inputs, as before, so states stay interchangeable). It convolves first
+  and projects once: folding Wq into each of the K taps would cost K times its FLOPs.
+  Without a conv the norm scale folds into the weight: ``linear(rms_normalize(x),
+  Wq diag(w))``. A LayerNorm model norm has a bias, so there only conv and
+  projection fuse (``conv_query_proj``).
 - the key LayerNorm and other weight-only steps run at load time (the load-time
   section), so the keys are normalized once, not per call.
 """
@@ -81,32 +81,34 @@ def _fold_rank_one(editor: Editor, topm: Node, producers: dict[int, Node], folde
 
 
 def _fuse_query_projection(editor: Editor, proj: Node, producers: dict[int, Node]) -> str | None:
-    """linear(query_conv(norm(x)), Wq) or linear(rms_norm(x), Wq) -> one fused op with folded weights."""
+    """linear(query_conv(h), Wq) with h = rms_norm(x) (or any h), or linear(rms_norm(x), Wq): one op."""
     x, wq = proj.inputs
     scope, stream = proj.scope, proj.stream
     conv = producers.get(x.id)
     conv = conv if conv is not None and conv.op == "query_conv" else None
     normed = conv.inputs[0] if conv else x
     norm, fork = _producer_through_fork(normed, producers)
-    fold_scale = norm is not None and norm.op == "rms_norm"
-    if not conv and not fold_scale:
+    fold_norm = norm is not None and norm.op == "rms_norm"
+    if not conv and not fold_norm:
         return None
-    if fold_scale:
+    if fold_norm:
         source = norm.inputs[0]
-        if fork is not None:
+        if fork is not None:  # the branch now starts from the block's residual stream
             source = editor.one("fork", source, scope=fork.scope, stream=fork.stream, **dict(fork.attrs))
-        features = editor.one("rms_normalize", source, scope=scope, stream=stream, **dict(norm.attrs))
-        scale = [norm.inputs[1]]
-    else:
-        features, scale = normed, []
     if conv is None:
-        folded_w = editor.one("scale_columns", wq, *scale, scope=scope)
+        features = editor.one("rms_normalize", source, scope=scope, stream=stream, **dict(norm.attrs))
+        folded_w = editor.one("scale_columns", wq, norm.inputs[1], scope=scope)
         editor.replace(proj.outputs[0], editor.one("linear", features, folded_w, scope=scope, stream=stream))
         return f"{scope}: norm scale folded into the query projection"
     _, conv_w, conv_b, *state = conv.inputs
-    taps = editor.one("scale_rows", conv_w, *scale, scope=scope) if scale else conv_w
-    query, new_state = editor.emit("conv_query_proj", features, taps, conv_b, wq, *state, scope=scope, stream=stream)
+    kernel = conv.attr("kernel")
+    if fold_norm:
+        query, new_state = editor.emit("norm_conv_query_proj", source, norm.inputs[1], conv_w, conv_b, wq, *state,
+                                       scope=scope, stream=stream, kernel=kernel, **dict(norm.attrs))
+    else:
+        query, new_state = editor.emit("conv_query_proj", normed, conv_w, conv_b, wq, *state,
+                                       scope=scope, stream=stream, kernel=kernel)
     editor.replace(proj.outputs[0], query)
     editor.replace(conv.outputs[1], new_state)
-    what = "norm scale, causal conv" if fold_scale else "causal conv"
-    return f"{scope}: {what} and query projection fused into conv_query_proj (K={conv.attr('kernel')})"
+    what = "norm scale, causal conv" if fold_norm else "causal conv"
+    return f"{scope}: {what} and query projection fused into one op (K={kernel})"

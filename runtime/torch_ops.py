@@ -217,13 +217,15 @@ def _gathered_rank_scores(attrs, q, keys, index):
 impl("scale_columns")(one(lambda a, w, s: w * s))
 
 
-impl("scale_rows")(one(lambda a, w, s: w * s[:, None]))
-
-
 @impl("conv_query_proj")
-def _conv_query_proj(attrs, x, taps, bias, wq, state=None):
-    conv, new_state = _query_conv({"kernel": taps.shape[1]}, x, taps, bias, state)
-    return conv @ wq.T, new_state
+def _conv_query_proj(attrs, h, conv, bias, wq, state=None):
+    convolved, new_state = _query_conv(attrs, h, conv, bias, state)
+    return convolved @ wq.T, new_state
+
+
+@impl("norm_conv_query_proj")
+def _norm_conv_query_proj(attrs, x, scale, conv, bias, wq, state=None):
+    return _conv_query_proj(attrs, _rms_norm(attrs, x, scale)[0], conv, bias, wq, state)
 
 
 @impl("gather_pool")

@@ -413,32 +413,45 @@ def _scale_columns(ins, attrs):
     return (w,)
 
 
-@register("scale_rows")
-def _scale_rows(ins, attrs):
-    """diag(s) W: a norm's scale folded into per-channel conv taps (D, K)."""
-    w, scale = ins
-    _expect(scale.shape == w.shape[:1], "scale_rows", f"{ins}")
-    return (w,)
+def _conv_proj_cost(wq_index: int) -> CostRule:
+    """Conv (2*D*K per token, plus a norm's ~5*D) and one projection (2*Q*D per token)."""
+
+    def cost(ins, outs, attrs) -> tuple[int, int]:
+        x, wq = ins[0], ins[wq_index]
+        tokens = x.numel // x.shape[-1]
+        return tokens * (2 * x.shape[-1] * (attrs["kernel"] + 4) + 2 * wq.numel), sum(_weight_bytes(w) for w in ins[1:])
+
+    return cost
 
 
-def _conv_proj_cost(ins, outs, attrs) -> tuple[int, int]:
-    x, taps, bias, wq = ins[:4]
-    tokens = x.numel // x.shape[-1]
-    return tokens * (2 * taps.numel + 2 * wq.numel), sum(_weight_bytes(w) for w in (taps, bias, wq))
-
-
-@register("conv_query_proj", _conv_proj_cost)
-def _conv_query_proj(ins, attrs):
-    """q = Wq (sum_j taps[:, j] * x_{t-j} + bias): (scaled) causal depthwise conv and query projection in one op.
-
-    Optional state (B,K-1,D) of past inputs in; new state out.
-    """
-    x, taps, bias, wq, *state = ins
+def _conv_proj_types(op: str, x: TensorType, conv: TensorType, bias: TensorType, wq: TensorType,
+                     state: list[TensorType], kernel: int) -> tuple[TensorType, TensorType]:
     width = x.shape[-1]
-    _expect(taps.shape[0] == width and bias.shape == (width,) and wq.shape[1] == width, "conv_query_proj", f"{ins}")
-    state_type = x.with_shape(x.shape[0], taps.shape[1] - 1, width)
-    _expect(not state or state[0] == state_type, "conv_query_proj", f"state {state}")
+    _expect(conv.shape == (width, kernel) and bias.shape == (width,) and wq.shape[1] == width, op, f"{conv}, {bias}, {wq}")
+    state_type = x.with_shape(x.shape[0], kernel - 1, width)
+    _expect(not state or state[0] == state_type, op, f"state {state} (expected {state_type})")
     return x.with_shape(*x.shape[:-1], wq.shape[0]), state_type
+
+
+@register("conv_query_proj", _conv_proj_cost(3))
+def _conv_query_proj(ins, attrs):
+    """q = Wq (sum_j conv[:, j] * h_{t-j} + bias): causal depthwise conv and query projection in one op.
+
+    Inputs h, conv (D,K), bias (D), Wq (Q,D), optional state (B,K-1,D) of past h; outputs q and the new state.
+    """
+    x, conv, bias, wq, *state = ins
+    return _conv_proj_types("conv_query_proj", x, conv, bias, wq, state, attrs["kernel"])
+
+
+@register("norm_conv_query_proj", _conv_proj_cost(4))
+def _norm_conv_query_proj(ins, attrs):
+    """conv_query_proj of h = rms_norm(x) * norm weight: the model's norm scale, the conv and the projection in one op.
+
+    Inputs x, norm weight (D), conv (D,K), bias (D), Wq (Q,D), optional state (B,K-1,D) of past h.
+    """
+    x, scale, conv, bias, wq, *state = ins
+    _expect(scale.shape == x.shape[-1:], "norm_conv_query_proj", f"norm weight {scale}")
+    return _conv_proj_types("norm_conv_query_proj", x, conv, bias, wq, state, attrs["kernel"])
 
 
 @register("gather_pool", lambda i, o, a: (2 * i[1].numel * i[0].shape[1], _gather_bytes(i[0], i[1].numel)))

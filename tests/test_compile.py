@@ -1,0 +1,150 @@
+"""umc compile / verify / verify-golden: build directory contents, atomicity, determinism, failures that must fail."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import umc
+import umc.compiler
+from conftest import SPECS, golden_files
+from umc.cli import main
+from umc.compiler import BuildError
+from umc.runtime import BuildDirError, load
+from umc.runtime.torch_ops import TORCH_IMPLS
+
+TINY = str(SPECS / "ultramem-tiny.yaml")
+
+
+def files_of(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_build_directory_contents(tmp_path):
+    build = umc.compile(TINY, tmp_path / "b")
+    names = set(files_of(build.path))
+    for kind in ("prefill", "decode"):
+        assert f"ir/{kind}.00-initial.txt" in names and f"graphs/{kind}.json" in names
+        assert {f"ir/{kind}.{i:02d}-{p}.txt" for i, p in enumerate(build.passes, 1)} <= names
+    assert {"manifest.json", "graph.dot", "report.json", "report.md", "spec.json"} <= names
+    manifest = json.loads((build.path / "manifest.json").read_text())
+    assert manifest["passes"] == list(umc.compiler.PIPELINE)
+    for name, digest in manifest["artifacts"].items():
+        assert hashlib.sha256((build.path / name).read_bytes()).hexdigest() == digest
+    report = json.loads((build.path / "report.json").read_text())
+    assert [u["unit"] for u in report["units"]] == ["0:1", "2:3"]
+    assert set(report["units"][0]["per_token"]) == {"1", "8", "64", "512"}
+    assert report["decode_cost_batch1"]["final"]["flops"] < report["decode_cost_batch1"]["initial"]["flops"]
+
+
+def test_value_bytes_follow_the_cost_model(tmp_path, tiny_spec):
+    """DESIGN.md §6: min(B*H*m, N) rows x vdim x bytes per layer and step, so per token / B."""
+    report = umc.compile(tiny_spec, tmp_path / "b").report
+    mem = tiny_spec.memory
+    for batch in (1, 8, 64, 512):
+        rows = min(batch * mem.heads * mem.topm, mem.physical_values)
+        expected = rows * mem.vdim * 4 / batch
+        assert report["units"][0]["per_token"][str(batch)]["value_bytes"] == pytest.approx(expected)
+
+
+def test_compiling_twice_gives_identical_bytes(tmp_path):
+    umc.compile(TINY, tmp_path / "a")
+    umc.compile(TINY, tmp_path / "b")
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+
+
+def test_existing_directory_needs_force(tmp_path):
+    umc.compile(TINY, tmp_path / "b")
+    with pytest.raises(BuildError, match="--force"):
+        umc.compile(TINY, tmp_path / "b")
+    (tmp_path / "b" / "stale.txt").write_text("old")
+    umc.compile(TINY, tmp_path / "b", force=True)
+    assert not (tmp_path / "b" / "stale.txt").exists()
+
+
+def test_failed_compile_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    def broken(report):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(umc.compiler, "report_markdown", broken)
+    with pytest.raises(RuntimeError):
+        umc.compile(TINY, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_recompile_keeps_the_old_build(tmp_path, monkeypatch):
+    umc.compile(TINY, tmp_path / "b")
+    before = files_of(tmp_path / "b")
+    monkeypatch.setattr(umc.compiler, "report_markdown", lambda report: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        umc.compile(TINY, tmp_path / "b", force=True)
+    assert files_of(tmp_path / "b") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_modified_build_is_refused(tmp_path, tiny_spec):
+    from umc.reference import build_model
+
+    umc.compile(TINY, tmp_path / "b")
+    path = tmp_path / "b" / "graphs" / "decode.json"
+    path.write_text(path.read_text().replace('"topm"', '"topk"'))
+    with pytest.raises(BuildDirError, match="modified"):
+        load(tmp_path / "b", weights=build_model(tiny_spec).state_dict())
+
+
+def test_pass_selection(tmp_path):
+    build = umc.compile(TINY, tmp_path / "b", passes=("skip_layer_overlap", "cleanup"), disable=("cleanup",))
+    assert build.passes == ("skip_layer_overlap",)
+    with pytest.raises(BuildError, match="unknown pass"):
+        umc.compile(TINY, tmp_path / "c", passes=("fuse_everything",))
+    with pytest.raises(BuildError, match="dump-after"):
+        umc.compile(TINY, tmp_path / "c", passes=("cleanup",), dump_after="query_conv_folding")
+
+
+def test_cli_compile_and_verify(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["compile", TINY, "-o", str(tmp_path / "b"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["verify", str(tmp_path / "b"), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "decode 3" in result.output and "OK" in result.output
+    again = runner.invoke(main, ["compile", TINY, "-o", str(tmp_path / "b")])
+    assert again.exit_code == 2 and "--force" in again.output and "Traceback" not in again.output
+
+
+def test_verify_fails_when_a_kernel_is_wrong(tmp_path, monkeypatch):
+    """verify must be able to fail: perturb the fused pooling op's implementation."""
+    umc.compile(TINY, tmp_path / "b")
+    honest = TORCH_IMPLS["gather_pool"]
+    monkeypatch.setitem(TORCH_IMPLS, "gather_pool", lambda attrs, *xs: tuple(1.01 * t for t in honest(attrs, *xs)))
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--steps", "1"])
+    assert result.exit_code == 1
+    assert "FAIL" in result.output
+
+
+def test_verify_of_a_non_build_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert result.exit_code == 2 and "no manifest.json" in result.output and "Traceback" not in result.output
+
+
+def test_cli_verify_golden():
+    files = [str(p) for p in golden_files()]
+    result = CliRunner().invoke(main, ["verify-golden", *files])
+    assert result.exit_code == 0, result.output
+    assert f"OK: {len(files)} golden files match" in result.output
+
+
+def test_largest_spec_compiles_without_weights(tmp_path):
+    """21B parameters: compiled from shapes only, in a fresh process whose peak memory stays small."""
+    script = (
+        "import resource, umc;"
+        f"umc.compile({str(SPECS / 'ultramem-1.6b-x12.yaml')!r}, {str(tmp_path / 'b')!r});"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    peak_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert peak_kib < 2 * 1024 * 1024
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["params"]["total"] > 21e9
