@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/umc check specs/ultramem-tiny.yaml
-	$(BIN)/umc eager specs/ultramem-tiny.yaml --steps 8
+	$(BIN)/umc compile specs/ultramem-tiny.yaml -o build/ultramem-tiny --force
+	$(BIN)/umc verify build/ultramem-tiny --steps 8
+	@sed -n '/^## Passes/,$$p' build/ultramem-tiny/report.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,9 @@
 """Declarative model specs: YAML in, frozen typed records out, every user mistake a SpecError.
 
 A spec describes one UltraMem (or PKM) decoder language model (DESIGN.md §2). The
-loader parses YAML once, safely: a SafeLoader composes the node tree, which gives
-line numbers and catches duplicate keys, then builds the values from that same tree
-(tags such as ``!!python/...`` are refused, never run). Validation is table-driven:
+loader reads YAML safely, twice: ``yaml.compose`` with the SafeLoader gives the node
+tree (line numbers, duplicate keys), ``yaml.safe_load`` builds the values (tags such
+as ``!!python/...`` are refused, never run). Validation is table-driven:
 each section lists its fields with a parser; cross-field rules follow.
 """
 
@@ -193,17 +193,29 @@ def _index_lines(source: str, root: yaml.Node) -> dict[tuple, int]:
     return lines
 
 
-class _SafeLoader(yaml.SafeLoader):
-    """SafeLoader that reports a value it cannot build (2001-02-30, ``!!int abc``, an empty ``!!int``,
-    a 5000-digit integer) as a ConstructorError at that value's node instead of a bare ValueError."""
+_BUILD_ERRORS = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError)  # LookupError: empty !!int
 
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep=deep)
-        except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as exc:  # LookupError: empty !!int
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            problem = f"cannot read {tag} value {_show(node.value)}: {exc}"
-            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+def _unbuildable_value(root: yaml.Node) -> tuple[yaml.Node, Exception] | None:
+    """The first scalar (in document order) that yaml.safe_load cannot build, e.g. 2001-02-30, ``!!int abc``,
+    an empty ``!!int``, a 5000-digit integer; each is re-read alone with yaml.safe_load."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                yaml.safe_load(yaml.serialize(node))
+            except _BUILD_ERRORS as exc:
+                return node, exc
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(reversed([n for pair in node.value for n in pair]))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return None
 
 
 def _clip(text: str | None, limit: int = 200) -> str:
@@ -230,16 +242,18 @@ def _yaml_error(source: str, text: str, exc: yaml.YAMLError) -> SpecError:
 
 
 def _load(source: str, text: str) -> tuple[yaml.Node | None, dict[tuple, int], Any]:
-    """Compose the node tree, index its lines (catching duplicate keys), then build values from it."""
-    loader = _SafeLoader(text)  # raises ReaderError on a control character
+    """Compose the node tree with SafeLoader (line index, duplicate keys), then build the values with yaml.safe_load."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)  # raises ReaderError on a control character
+    if root is None:
+        return None, {}, None
+    lines = _index_lines(source, root)
     try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, {}, None
-        lines = _index_lines(source, root)
-        return root, lines, loader.construct_document(root)
-    finally:
-        loader.dispose()
+        return root, lines, yaml.safe_load(text)
+    except _BUILD_ERRORS as exc:
+        node, cause = _unbuildable_value(root) or (root, exc)
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        problem = f"cannot read {tag} value {_show(node.value)}: {cause}"
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 def _parse_yaml(source: str, text: str) -> _Document:
