@@ -101,3 +101,9 @@ def producers(nodes: list[Node] | tuple[Node, ...]) -> dict[int, Node]:
     """Value id -> defining node, for the given nodes."""
     return {v.id: n for n in nodes for v in n.outputs}
 
+
+
+def producer_of(producers: dict[int, Node], value: Value, op: str) -> Node | None:
+    """The node that defines ``value``, if it is an ``op`` node (the building block of pattern matching)."""
+    node = producers.get(value.id)
+    return node if node is not None and node.op == op else None

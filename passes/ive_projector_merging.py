@@ -11,18 +11,14 @@ projection the pooled block is the output directly.
 from __future__ import annotations
 
 from umc.ir.core import Graph, Node
-from umc.passes.editor import Editor
+from umc.passes.editor import Editor, producer_of
 
 
 def _pooling_chain(scatter: Node, producers: dict[int, Node]) -> tuple[Node, Node] | None:
     """(gather_values, mcs_scale) feeding a scatter_blocks, or None."""
-    scale = producers.get(scatter.inputs[0].id)
-    if scale is None or scale.op != "mcs_scale":
-        return None
-    gather = producers.get(scale.inputs[0].id)
-    if gather is None or gather.op != "gather_values":
-        return None
-    return gather, scale
+    scale = producer_of(producers, scatter.inputs[0], "mcs_scale")
+    gather = producer_of(producers, scale.inputs[0], "gather_values") if scale else None
+    return (gather, scale) if gather else None
 
 
 def _projector_sum(scatter: Node, users: dict[int, list[Node]], producers: dict[int, Node]) -> tuple[Node, int] | None:
@@ -35,9 +31,9 @@ def _projector_sum(scatter: Node, users: dict[int, list[Node]], producers: dict[
         readers = users.get(select.outputs[0].id, [])
         if len(readers) != 1 or readers[0].op != "linear":
             return None
-        sliced = producers.get(readers[0].inputs[1].id)
+        sliced = producer_of(producers, readers[0].inputs[1], "slice_cols")
         width = select.outputs[0].type.shape[-1]
-        if sliced is None or sliced.op != "slice_cols" or sliced.attr("start") != select.attr("index") * width:
+        if sliced is None or sliced.attr("start") != select.attr("index") * width:
             return None
         projections.append(readers[0])
         weights.add(sliced.inputs[0].id)

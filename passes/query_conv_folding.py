@@ -19,15 +19,15 @@ Three rewrites per memory layer, all exact in real arithmetic:
 from __future__ import annotations
 
 from umc.ir.core import Graph, Node, Value
-from umc.passes.editor import Editor
+from umc.passes.editor import Editor, producer_of
 
 
 def _producer_through_fork(value: Value, producers: dict[int, Node]) -> tuple[Node | None, Node | None]:
     """(producer, fork) where a fork between them is looked through."""
-    node = producers.get(value.id)
-    if node is not None and node.op == "fork":
-        return producers.get(node.inputs[0].id), node
-    return node, None
+    fork = producer_of(producers, value, "fork")
+    if fork is not None:
+        return producers.get(fork.inputs[0].id), fork
+    return producers.get(value.id), None
 
 
 def query_conv_folding(graph: Graph) -> tuple[Graph, list[str]]:
@@ -63,11 +63,9 @@ def query_conv_folding(graph: Graph) -> tuple[Graph, list[str]]:
 
 def _fold_rank_one(editor: Editor, topm: Node, producers: dict[int, Node], folded: dict) -> bool:
     """topm(coarse_scores(rank_scores(q, K), u)) -> topm(key_scores(q, fold_rank(K, u)))."""
-    coarse = producers.get(topm.inputs[0].id)
-    if coarse is None or coarse.op != "coarse_scores":
-        return False
-    ranked = producers.get(coarse.inputs[0].id)
-    if ranked is None or ranked.op != "rank_scores":
+    coarse = producer_of(producers, topm.inputs[0], "coarse_scores")
+    ranked = producer_of(producers, coarse.inputs[0], "rank_scores") if coarse else None
+    if ranked is None:
         return False
     q, keys = ranked.inputs
     u = coarse.inputs[1]
@@ -84,8 +82,7 @@ def _fuse_query_projection(editor: Editor, proj: Node, producers: dict[int, Node
     """linear(query_conv(h), Wq) with h = rms_norm(x) (or any h), or linear(rms_norm(x), Wq): one op."""
     x, wq = proj.inputs
     scope, stream = proj.scope, proj.stream
-    conv = producers.get(x.id)
-    conv = conv if conv is not None and conv.op == "query_conv" else None
+    conv = producer_of(producers, x, "query_conv")
     normed = conv.inputs[0] if conv else x
     norm, fork = _producer_through_fork(normed, producers)
     fold_norm = norm is not None and norm.op == "rms_norm"
