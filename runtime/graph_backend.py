@@ -47,8 +47,9 @@ def _run(node: Node, env: dict[int, torch.Tensor]) -> None:
 
 
 def execute(graph: Graph, bound: Mapping[int, torch.Tensor], inputs: Mapping[str, torch.Tensor],
-            threads: bool = False) -> dict[str, torch.Tensor]:
-    """Run the per-call nodes on named inputs; returns the named outputs."""
+            threads: bool = False, observe: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Run the per-call nodes on named inputs; returns the named outputs, plus the values
+    whose ids ``observe`` names (intermediate results a verifier wants to see)."""
     env = dict(bound)
     for value in graph.inputs:
         if value.name not in inputs:
@@ -60,7 +61,9 @@ def execute(graph: Graph, bound: Mapping[int, torch.Tensor], inputs: Mapping[str
         else:
             for node in graph.nodes:
                 _run(node, env)
-    return {v.name: env[v.id] for v in graph.outputs}
+    outputs = {v.name: env[v.id] for v in graph.outputs}
+    outputs.update({name: env[value_id] for name, value_id in (observe or {}).items()})
+    return outputs
 
 
 def _execute_streams(graph: Graph, env: dict[int, torch.Tensor]) -> None:

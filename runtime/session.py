@@ -57,17 +57,41 @@ class Session:
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
         """tokens (B, T) -> logits (B, T, vocab) and the state to continue from."""
-        out = execute(self.graphs["prefill"], self.bound["prefill"], {"tokens": tokens}, self.threads)
-        return out.pop("logits"), out
+        logits, state, _ = self._run("prefill", {"tokens": tokens}, trace=False)
+        return logits, state
 
     def decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One token per sequence (B, 1) after ``state`` -> logits (B, 1, vocab) and the new state."""
+        logits, state, _ = self._run("decode", self._decode_feeds(tokens, state), trace=False)
+        return logits, state
+
+    def trace_prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State, dict[int, torch.Tensor]]:
+        """prefill, plus each memory unit's selected grid addresses (B, T, H*m) for tie-aware verification."""
+        return self._run("prefill", {"tokens": tokens}, trace=True)
+
+    def trace_decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, dict[int, torch.Tensor]]:
+        """decode, plus each memory unit's selected grid addresses (B, 1, H*m)."""
+        return self._run("decode", self._decode_feeds(tokens, state), trace=True)
+
+    def _decode_feeds(self, tokens: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
         feeds = {"tokens": tokens}
         for value in self.graphs["decode"].inputs:
             if value.name != "tokens":
                 feeds[value.name] = state[value.name.replace("past_", "present_")]
-        out = execute(self.graphs["decode"], self.bound["decode"], feeds, self.threads)
-        return out.pop("logits"), out
+        return feeds
+
+    def _run(self, kind: str, feeds: dict[str, torch.Tensor], trace: bool):
+        graph = self.graphs[kind]
+        taps = selection_taps(graph) if trace else {}
+        out = execute(graph, self.bound[kind], feeds, self.threads, observe={f"selection.{j}": i for j, i in taps.items()})
+        selections = {j: out.pop(f"selection.{j}").flatten(2) for j in taps}
+        return out.pop("logits"), out, selections
+
+
+def selection_taps(graph) -> dict[int, int]:
+    """Memory unit index -> id of the value holding its selected grid addresses (B, T, H, m)."""
+    return {int(n.scope.split(".")[0][len("mem"):]): n.outputs[0].id
+            for n in graph.nodes if n.op in ("grid_select", "additive_select")}
 
 
 def load(build_dir: str | Path, backend: str = "graph", weights: str | Path | Mapping[str, torch.Tensor] | None = None,

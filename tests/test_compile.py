@@ -148,3 +148,45 @@ def test_largest_spec_compiles_without_weights(tmp_path):
     assert peak_kib < 2 * 1024 * 1024
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["params"]["total"] > 21e9
+
+
+def test_weights_ship_with_the_build(tmp_path, tiny_spec):
+    import torch
+
+    from umc.reference import build_model, save_weights
+
+    eager = build_model(tiny_spec, seed=7)
+    save_weights(eager, tmp_path / "w.safetensors")
+    result = CliRunner().invoke(main, ["compile", TINY, "-o", str(tmp_path / "b"), "--quiet",
+                                       "--weights", str(tmp_path / "w.safetensors")])
+    assert result.exit_code == 0, result.output
+    session = load(tmp_path / "b")  # weights.safetensors from the build
+    tokens = torch.randint(0, tiny_spec.model.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, _ = eager(tokens)
+    got, _ = session.prefill(tokens)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--steps", "2"]).exit_code == 0
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path, pkm_spec):
+    from umc.reference import build_model, save_weights
+
+    save_weights(build_model(pkm_spec), tmp_path / "w.safetensors")
+    result = CliRunner().invoke(main, ["compile", TINY, "-o", str(tmp_path / "b"), "--weights",
+                                       str(tmp_path / "w.safetensors")])
+    assert result.exit_code == 2 and "tensor" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_build_verifies(tmp_path, tiny_spec, dtype):
+    """Low precision: top-m swaps happen; verify forces the build's selections on the eager side,
+    checks every swap is a rounding-level tie, and holds logits to the at-least-as-close rule."""
+    import dataclasses
+
+    from umc.verify import verify_build
+
+    umc.compile(dataclasses.replace(tiny_spec, dtype=dtype), tmp_path / "b")
+    checks = verify_build(tmp_path / "b", steps=3)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]

@@ -160,16 +160,18 @@ def _pass_list(value: str | None) -> tuple[str, ...] | None:
 @click.option("--passes", default=None, help="Comma-separated passes to run, in order (default: the whole pipeline).")
 @click.option("--disable-pass", "disabled", multiple=True, help="Leave out a pass (repeatable).")
 @click.option("--dump-after", default=None, help="Write IR text after this pass only ('all': after each; default all).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="A safetensors file to check against the graphs and ship in the build.")
 @click.option("--force", is_flag=True, help="Replace an existing build directory.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
-def compile_command(spec_path, out_dir, passes, disabled, dump_after, force, quiet):
+def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, force, quiet):
     """Compile a spec into a build directory (IR, graphs, report)."""
     from umc.compiler import compile as compile_spec
 
     say = (lambda _: None) if quiet else (lambda line: click.echo(line, err=True))
     build = compile_spec(spec_path, out_dir, passes=_pass_list(passes), disable=tuple(disabled),
-                         dump_after=dump_after, force=force, progress=say)
+                         dump_after=dump_after, force=force, weights=weights, progress=say)
     if not quiet:
         final = build.report["decode_cost_batch1"]
         click.echo(f"{build.spec.name}: passes {', '.join(build.passes) or '(none)'}; "
@@ -188,7 +190,9 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, force, qui
 def verify(build_dir, backend, seed, steps, batch, prompt):
     """Check a build against the eager reference.
 
-    Builds the eager model with SEED, runs a prompt and STEPS decode steps through both, and
+    Builds the eager model with SEED (or the build's weights.safetensors), runs a prompt and
+    STEPS decode steps through both with the build's memory selections forced on the eager
+    side (each checked to differ from eager's own only at rounding-level ties), and
     compares logits per step and the final KV cache within the dtype's tolerance. Exit 1 on a
     mismatch.
     """

@@ -1,6 +1,6 @@
 """``umc.compile``: spec -> lowered graphs -> pass pipeline -> a build directory.
 
-The build directory holds everything a runtime needs except the weights (big models
+The build directory holds everything a runtime needs, the weights optional (big models
 compile from shapes alone): the spec, the final graphs as JSON, IR text before and
 after each pass, a Graphviz view, a cost report, and a manifest with the sha256 of
 every file. It is written into a temporary sibling and renamed into place, so an
@@ -165,10 +165,34 @@ def _write_tree(root: Path, spec: Spec, passes: tuple[str, ...], initial: dict[s
     (root / "manifest.json").write_text(_json(manifest), encoding="utf-8")
 
 
+def _check_weights(path: Path, graphs: dict[str, Graph]) -> None:
+    """Every parameter the graphs read is in the safetensors file with its shape and dtype (BuildError otherwise)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = set(f.keys())
+            for graph in graphs.values():
+                for p in graph.params:
+                    if p.name not in names:
+                        raise BuildError(f"{path}: no tensor {p.name} (the graph needs {p.type})")
+                    meta = f.get_slice(p.name)
+                    shape, dtype = tuple(meta.get_shape()), meta.get_dtype()
+                    wanted = {"f32": "F32", "f16": "F16", "bf16": "BF16", "i64": "I64"}[p.type.dtype]
+                    if shape != p.type.shape or dtype != wanted:
+                        raise BuildError(f"{path}: tensor {p.name} is {dtype}{list(shape)}, the graph needs {p.type}")
+    except (OSError, SafetensorError) as exc:
+        raise BuildError(f"{path}: cannot read safetensors weights: {exc}") from None
+
+
 def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, *, passes: tuple[str, ...] | None = None,
             disable: tuple[str, ...] = (), dump_after: str | None = None, force: bool = False,
-            progress: Callable[[str], None] | None = None) -> Build:
-    """Compile a spec (or spec file) into ``out_dir``; see the module docstring for what is written."""
+            weights: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> Build:
+    """Compile a spec (or spec file) into ``out_dir``; see the module docstring for what is written.
+
+    ``weights``: a safetensors file checked against the graphs' parameters (names, shapes, dtypes,
+    read from its header only) and copied into the build as ``weights.safetensors``.
+    """
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     chosen = select_passes(passes, disable)
     if dump_after not in (None, "all") and dump_after not in chosen:
@@ -187,10 +211,15 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
                            for k in initial)
         say(f"[{i + 1}/{len(chosen)}] {name}: {counts} nodes")
     report = _report(spec, initial, results)
+    finals = {k: (results[k][-1].graph if results[k] else initial[k]) for k in initial}
+    if weights is not None:
+        _check_weights(Path(weights), finals)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         staging.chmod(0o755)
+        if weights is not None:
+            shutil.copyfile(weights, staging / "weights.safetensors")
         _write_tree(staging, spec, chosen, initial, results, dump_after, report)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -203,6 +232,5 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
         if staging.exists():
             shutil.rmtree(staging)
     say(f"wrote {out}")
-    finals = {k: (results[k][-1].graph if results[k] else initial[k]) for k in initial}
     return Build(out, spec, chosen, finals, report)
 

@@ -198,9 +198,21 @@ class MemoryLayer(nn.Module):
         address, scores = address.flatten(1), scores.flatten(1, 2)
         return Retrieval(address, scores, self._pool(address, scores))
 
-    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) -> (memory output (B, T, D), new query-conv state or None)."""
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None, select: torch.Tensor | None = None,
+                record: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) -> (memory output (B, T, D), new query-conv state or None).
+
+        For verification: ``select`` (B, T, H*m) forces these grid addresses instead of the layer's
+        own top-m (the oracle for another implementation's selection); ``record`` receives the
+        query input (B*T, D) after the conv.
+        """
         if self.query_conv is not None:
             x, conv_state = self.query_conv(x, conv_state)
-        out = self.retrieve(x.reshape(-1, x.shape[-1])).output
+        flat = x.reshape(-1, x.shape[-1])
+        if record is not None:
+            record.append(flat)
+        if select is None:
+            out = self.retrieve(flat).output
+        else:
+            out = self.output_at(flat, select.reshape(flat.shape[0], -1))
         return out.view(*x.shape[:-1], -1), conv_state

@@ -8,6 +8,7 @@ token by token gives the same logits as one full-sequence forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -138,8 +139,14 @@ class MemoryLM(nn.Module):
         if not model.tie_embeddings:
             self.lm_head = nn.Linear(model.d_model, model.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
-        """tokens (B, T) int64 -> logits (B, T, vocab) and the state after these tokens."""
+    def forward(self, tokens: torch.Tensor, state: DecodeState | None = None,
+                select: Mapping[int, torch.Tensor] | None = None,
+                memory_inputs: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """tokens (B, T) int64 -> logits (B, T, vocab) and the state after these tokens.
+
+        For verification: ``select`` maps a unit index to grid addresses (B, T, H*m) it must use
+        (see MemoryLayer.forward); ``memory_inputs`` is filled with each unit's query input.
+        """
         units = self.spec.memory.units
         start = 0 if state is None else state.length
         if start + tokens.shape[1] > self.spec.model.max_seq_len:
@@ -154,7 +161,11 @@ class MemoryLM(nn.Module):
                 read_inputs[i] = h
             for j, unit in enumerate(units):
                 if unit.write == i:
-                    out, conv[j] = self.memories[j](read_inputs[unit.read], None if state is None else state.conv[j])
+                    record: list[torch.Tensor] = []
+                    out, conv[j] = self.memories[j](read_inputs[unit.read], None if state is None else state.conv[j],
+                                                    None if select is None else select.get(j), record)
+                    if memory_inputs is not None:
+                        memory_inputs[j] = record[0]
                     x = x + out
         x = self.norm(x)
         logits = x @ self.embed.weight.T if self.spec.model.tie_embeddings else self.lm_head(x)

@@ -1,0 +1,46 @@
+"""The verifier's own machinery: forced selections reproduce the eager model, and the tie-aware
+selection check fails on a swap that is not a tie."""
+
+import torch
+
+from umc.reference import build_model
+from umc.verify import selection_check
+
+
+def test_forcing_the_models_own_selection_changes_nothing(tiny_spec):
+    model = build_model(tiny_spec)
+    tokens = torch.randint(0, tiny_spec.model.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    queries: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        free, _ = model(tokens, memory_inputs=queries)
+        own = {j: model.memories[j].retrieve(q).indices.view(2, 6, -1) for j, q in queries.items()}
+        forced, _ = model(tokens, select=own)
+    assert (forced - free).abs().max() <= 1e-6
+
+
+def test_forcing_another_selection_changes_the_output(tiny_spec):
+    model = build_model(tiny_spec)
+    tokens = torch.randint(0, tiny_spec.model.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
+    queries: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        free, _ = model(tokens, memory_inputs=queries)
+        shifted = {j: (model.memories[j].retrieve(q).indices + 1) % tiny_spec.memory.virtual_values
+                   for j, q in queries.items()}
+        forced, _ = model(tokens, select={j: a.view(1, 4, -1) for j, a in shifted.items()})
+    assert (forced - free).abs().max() > 1e-3
+
+
+def test_selection_check_accepts_the_same_and_rejects_a_real_swap(tiny_spec):
+    layer = build_model(tiny_spec).memories[0]
+    x = torch.randn(5, tiny_spec.model.d_model, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        own = layer.retrieve(x).indices
+        assert selection_check(layer, x, own, "float32", "same").ok
+        # replace each head's best candidate by the lowest-scoring address of the whole grid
+        n = tiny_spec.memory.keys_per_side
+        rows, cols = layer.side_scores(x)
+        worst = rows.argmin(-1) * n + cols.argmin(-1)  # (M, H)
+        bad = own.clone().view(5, tiny_spec.memory.heads, -1)
+        bad[:, :, 0] = worst
+    check = selection_check(layer, x, bad.view(5, -1), "float32", "swapped")
+    assert not check.ok and check.max_rel >= 1
