@@ -33,10 +33,16 @@ PASSES: dict[str, Pass] = {
 PIPELINE: tuple[str, ...] = tuple(PASSES)
 
 
+def apply_pass(name: str, graph: Graph) -> PassResult:
+    """One pass, the graph verified after it."""
+    after, notes = PASSES[name](graph)
+    return PassResult(name, verify(after), tuple(notes))
+
+
 def run_pipeline(graph: Graph, names: tuple[str, ...] = PIPELINE) -> list[PassResult]:
     """Apply the named passes in order, verifying after each; one result per pass."""
     results = []
     for name in names:
-        graph, notes = PASSES[name](graph)
-        results.append(PassResult(name, verify(graph), tuple(notes)))
+        results.append(apply_pass(name, graph))
+        graph = results[-1].graph
     return results

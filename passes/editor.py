@@ -97,12 +97,6 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     return graph.evolve(nodes=tuple(reversed(keep_main)), init_nodes=tuple(reversed(keep_init)), params=params)
 
 
-def producers(nodes: list[Node] | tuple[Node, ...]) -> dict[int, Node]:
-    """Value id -> defining node, for the given nodes."""
-    return {v.id: n for n in nodes for v in n.outputs}
-
-
-
 def producer_of(producers: dict[int, Node], value: Value, op: str) -> Node | None:
     """The node that defines ``value``, if it is an ``op`` node (the building block of pattern matching)."""
     node = producers.get(value.id)

@@ -10,7 +10,7 @@ projection the pooled block is the output directly.
 
 from __future__ import annotations
 
-from umc.ir.core import Graph, Node
+from umc.ir.core import Graph, Node, Value
 from umc.passes.editor import Editor, producer_of
 
 
@@ -48,17 +48,18 @@ def _projector_sum(scatter: Node, users: dict[int, list[Node]], producers: dict[
 
 def ive_projector_merging(graph: Graph) -> tuple[Graph, list[str]]:
     """Rewrite gather/scale/scatter + E projector matmuls into gather_pool + one GEMM."""
-    producers = {v.id: n for n in graph.all_nodes() for v in n.outputs}
+    producers = graph.producers()
     users = graph.users()
     params = {v.id: v for v in graph.params}
-    rewrites: dict[int, tuple[Node, object]] = {}  # id(anchor node) -> (scatter, weight or None)
+    rewrites: dict[int, tuple[Node, Value | None]] = {}  # id(anchor) -> (scatter, Wo; None: no projection)
     for node in graph.nodes:
         if node.op != "scatter_blocks" or _pooling_chain(node, producers) is None:
             continue
         found = _projector_sum(node, users, producers)
         if found is not None:
             anchor, weight_id = found
-            rewrites[id(anchor)] = (node, params.get(weight_id))
+            if weight_id in params:
+                rewrites[id(anchor)] = (node, params[weight_id])
         else:
             reshaped = [n for n in users.get(node.outputs[0].id, []) if n.op == "reshape"]
             if len(reshaped) == 1 and node.attr("E") == 1:

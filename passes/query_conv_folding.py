@@ -32,7 +32,7 @@ def _producer_through_fork(value: Value, producers: dict[int, Node]) -> tuple[No
 
 def query_conv_folding(graph: Graph) -> tuple[Graph, list[str]]:
     """Fold rank-1 vectors into coarse keys, and norm scale + conv into the query projection."""
-    producers = {v.id: n for n in graph.all_nodes() for v in n.outputs}
+    producers = graph.producers()
     editor = Editor(graph)
     notes: list[str] = []
     folded_scores: dict[int, tuple[Value, Value]] = {}  # rank_scores output id -> (q, K)

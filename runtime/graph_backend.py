@@ -40,6 +40,24 @@ def bind(graph: Graph, weights: Mapping[str, torch.Tensor]) -> dict[int, torch.T
     return env
 
 
+def check_inputs(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Inputs against the graph's input types: dtype, rank, fixed dims, and one size per symbol
+    (e.g. the same B everywhere). Returns the symbol sizes; BindError names the offending input."""
+    sizes: dict[str, int] = {}
+    for value in graph.inputs:
+        if value.name not in inputs:
+            raise BindError(f"graph {graph.name}: input {value.name} is missing")
+        tensor, want = inputs[value.name], value.type
+        if tensor.dtype != TORCH_DTYPES[want.dtype] or tensor.dim() != want.rank:
+            raise BindError(f"graph {graph.name}: input {value.name} is {tensor.dtype}{list(tensor.shape)}, expected {want}")
+        for dim, size in zip(want.shape, tensor.shape):
+            known = dim if isinstance(dim, int) else sizes.setdefault(dim, size)
+            if known != size:
+                raise BindError(f"graph {graph.name}: input {value.name} has shape {list(tensor.shape)}, expected {want}"
+                                + ("" if isinstance(dim, int) else f" with {dim} = {known}"))
+    return sizes
+
+
 def _run(node: Node, env: dict[int, torch.Tensor]) -> None:
     outs = run_op(node.op, dict(node.attrs), [env[v.id] for v in node.inputs])
     for value, tensor in zip(node.outputs, outs):
@@ -51,9 +69,8 @@ def execute(graph: Graph, bound: Mapping[int, torch.Tensor], inputs: Mapping[str
     """Run the per-call nodes on named inputs; returns the named outputs, plus the values
     whose ids ``observe`` names (intermediate results a verifier wants to see)."""
     env = dict(bound)
+    check_inputs(graph, inputs)
     for value in graph.inputs:
-        if value.name not in inputs:
-            raise BindError(f"graph {graph.name}: input {value.name} is missing")
         env[value.id] = inputs[value.name]
     with torch.no_grad():
         if threads and any(n.stream for n in graph.nodes):

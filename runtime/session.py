@@ -8,7 +8,6 @@ their load-time nodes once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Mapping
@@ -16,8 +15,9 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
+from umc.hashing import file_sha256
 from umc.ir.serialize import graph_from_json
-from umc.runtime.graph_backend import bind, execute
+from umc.runtime.graph_backend import BindError, bind, check_inputs, execute
 
 BACKENDS = ("graph",)
 
@@ -34,10 +34,14 @@ def read_manifest(build_dir: Path) -> dict:
     path = build_dir / "manifest.json"
     if not path.is_file():
         raise BuildDirError(f"{build_dir}: no manifest.json (not a umc build directory, or an incomplete one)")
-    manifest = json.loads(path.read_text())
-    for name, digest in manifest["artifacts"].items():
+    try:
+        manifest = json.loads(path.read_text())
+        artifacts = dict(manifest["artifacts"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise BuildDirError(f"{path}: not a valid manifest (expected JSON with an 'artifacts' table)") from None
+    for name, digest in artifacts.items():
         file = build_dir / name
-        if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+        if not file.is_file() or file_sha256(file) != digest:
             raise BuildDirError(f"{build_dir}: {name} is missing or was modified after the build")
     return manifest
 
@@ -48,8 +52,8 @@ class Session:
     def __init__(self, build_dir: Path, weights: Mapping[str, torch.Tensor], backend: str, threads: bool):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (allowed: {', '.join(BACKENDS)})")
-        self.manifest = read_manifest(build_dir)
-        self.spec = json.loads((build_dir / "spec.json").read_text())
+        read_manifest(build_dir)
+        self.max_seq_len = json.loads((build_dir / "spec.json").read_text())["model"]["max_seq_len"]
         self.graphs = {kind: graph_from_json(json.loads((build_dir / f"graphs/{kind}.json").read_text()))
                        for kind in ("prefill", "decode")}
         self.bound = {kind: bind(graph, weights) for kind, graph in self.graphs.items()}
@@ -82,6 +86,10 @@ class Session:
 
     def _run(self, kind: str, feeds: dict[str, torch.Tensor], trace: bool):
         graph = self.graphs[kind]
+        sizes = check_inputs(graph, feeds)
+        length = sizes.get("S_past", 0) + (sizes["T"] if "T" in sizes else feeds["tokens"].shape[1])
+        if length > self.max_seq_len:
+            raise BindError(f"sequence length {length} exceeds the spec's max_seq_len {self.max_seq_len}")
         taps = selection_taps(graph) if trace else {}
         out = execute(graph, self.bound[kind], feeds, self.threads, observe={f"selection.{j}": i for j, i in taps.items()})
         selections = {j: out.pop(f"selection.{j}").flatten(2) for j in taps}

@@ -219,8 +219,12 @@ impl("scale_columns")(one(lambda a, w, s: w * s))
 
 @impl("conv_query_proj")
 def _conv_query_proj(attrs, h, conv, bias, wq, state=None):
-    convolved, new_state = _query_conv(attrs, h, conv, bias, state)
-    return convolved @ wq.T, new_state
+    # written apart from query_conv (grouped conv1d, not a tap loop) so the pass tests compare two codes
+    kernel = attrs["kernel"]
+    past = h.new_zeros(h.shape[0], kernel - 1, h.shape[2]) if state is None else state
+    padded = torch.cat([past, h], 1)
+    convolved = F.conv1d(padded.transpose(1, 2), conv.flip(-1).unsqueeze(1), bias, groups=h.shape[2]).transpose(1, 2)
+    return convolved @ wq.T, padded[:, padded.shape[1] - kernel + 1:]
 
 
 @impl("norm_conv_query_proj")
@@ -230,8 +234,14 @@ def _norm_conv_query_proj(attrs, x, scale, conv, bias, wq, state=None):
 
 @impl("gather_pool")
 def _gather_pool(attrs, table, row, block, scores):
-    rows = _mcs_scale(attrs, table[row], scores)[0]
-    return (_scatter_blocks(attrs, rows, block)[0].flatten(-2),)
+    # written apart from mcs_scale/scatter_blocks (per-column weights, scatter_add) for the same reason
+    batch, steps = row.shape[:2]
+    vdim, cores = table.shape[1], scores.shape[-1]
+    weights = scores.to(table.dtype).repeat_interleave(vdim // cores, dim=-1)  # (B,T,H,m,vdim)
+    weighted = (table[row] * weights).reshape(batch * steps, -1, vdim)
+    pooled = table.new_zeros(batch * steps, attrs["E"], vdim)
+    pooled.scatter_add_(1, block.reshape(batch * steps, -1, 1).expand(-1, -1, vdim), weighted)
+    return (pooled.reshape(batch, steps, attrs["E"] * vdim),)
 
 
 impl("fork")(one(lambda a, x: x))

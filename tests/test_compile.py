@@ -190,3 +190,100 @@ def test_low_precision_build_verifies(tmp_path, tiny_spec, dtype):
     umc.compile(dataclasses.replace(tiny_spec, dtype=dtype), tmp_path / "b")
     checks = verify_build(tmp_path / "b", steps=3)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+def _drop_best(attrs, grid, i_row, i_col):
+    """A wrong grid_select: skips each head's best candidate and takes the (m+1)-th instead."""
+    import torch
+
+    m = grid.shape[-1]
+    per_core = grid.flatten(-2)
+    winners = torch.topk(per_core.sum(3), m + 1, dim=-1).indices[..., 1:]
+    scores = torch.take_along_dim(per_core, winners.unsqueeze(3), dim=-1).transpose(-1, -2)
+    address = torch.take_along_dim(i_row, winners // m, -1) * attrs["n"] + torch.take_along_dim(i_col, winners % m, -1)
+    return address, scores
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_catches_a_wrong_selection(tmp_path, tiny_spec, monkeypatch, dtype):
+    """Forcing the build's selection on the eager side must not hide a selection bug, in any dtype."""
+    import dataclasses
+
+    from umc.verify import verify_build
+
+    umc.compile(dataclasses.replace(tiny_spec, dtype=dtype), tmp_path / "b")
+    monkeypatch.setitem(TORCH_IMPLS, "grid_select", _drop_best)
+    selections = [c for c in verify_build(tmp_path / "b", steps=2) if c.output.startswith("selection")]
+    assert all(not c.ok for c in selections)
+    assert sum(c.max_rel for c in selections) == sum(c.max_abs for c in selections) > 0  # every swap flagged
+
+
+def test_force_replaces_only_builds(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(BuildError, match="not a umc build"):
+        umc.compile(TINY, project, force=True)
+    assert (project / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_swap_restores_the_old_build(tmp_path, monkeypatch):
+    import os
+
+    umc.compile(TINY, tmp_path / "b")
+    before = files_of(tmp_path / "b")
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old build has moved aside; putting the new one in place fails
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(umc.compiler.os, "replace", flaky)
+    with pytest.raises(BuildError, match="cannot replace"):
+        umc.compile(TINY, tmp_path / "b", force=True)
+    monkeypatch.undo()
+    assert files_of(tmp_path / "b") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+@pytest.mark.parametrize("manifest", ["{not json", "{}", "[]"])
+def test_corrupt_manifest_is_a_clear_error(tmp_path, manifest):
+    umc.compile(TINY, tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").write_text(manifest)
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "not a valid manifest" in result.output and "Traceback" not in result.output
+
+
+def test_verify_mistakes_exit_2(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    umc.compile(TINY, tmp_path / "b")
+    too_long = CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--steps", "500"])
+    assert too_long.exit_code == 2 and "max_seq_len" in too_long.output
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    no_config = CliRunner().invoke(main, ["verify-golden", str(tmp_path / "plain.safetensors")])
+    assert no_config.exit_code == 2 and "no 'config' metadata" in no_config.output
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    junk = CliRunner().invoke(main, ["verify-golden", str(tmp_path / "junk.safetensors")])
+    assert junk.exit_code == 2 and "cannot read" in junk.output and "Traceback" not in junk.output
+
+
+def test_session_checks_its_inputs(tmp_path, tiny_spec):
+    import torch
+
+    from umc.reference import build_model
+    from umc.runtime.graph_backend import BindError
+
+    umc.compile(tiny_spec, tmp_path / "b")
+    session = load(tmp_path / "b", weights=build_model(tiny_spec).state_dict())
+    _, state = session.prefill(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(BindError, match="tokens"):
+        session.decode(torch.zeros(2, 2, dtype=torch.long), state)  # decode takes one token per sequence
+    with pytest.raises(BindError, match="past_k.0 .* with B = 3"):
+        session.decode(torch.zeros(3, 1, dtype=torch.long), state)
+    with pytest.raises(BindError, match="max_seq_len"):
+        session.prefill(torch.zeros(1, tiny_spec.model.max_seq_len + 1, dtype=torch.long))

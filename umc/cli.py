@@ -35,10 +35,12 @@ def user_errors(command):
         from umc.reference.weights import WeightsError
         from umc.runtime import BuildDirError
         from umc.runtime.graph_backend import BindError
+        from umc.verify import VerifyError
 
         try:
             return command(*args, **kwargs)
-        except (SpecError, WeightsError, BuildError, BuildDirError, BindError, SafetensorError, OSError) as exc:
+        except (SpecError, WeightsError, BuildError, BuildDirError, BindError, VerifyError, SafetensorError,
+                OSError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
@@ -110,7 +112,12 @@ def eager(spec_path, seed, weights, save_weights, batch, prompt, steps):
     total = prompt + steps
     if total > spec.model.max_seq_len:
         raise SpecError(spec_path, None, "model.max_seq_len", f"prompt + steps = {total} exceeds {spec.model.max_seq_len}")
-    model = build_model(spec, seed=seed)
+    try:
+        model = build_model(spec, seed=seed)
+    except (RuntimeError, MemoryError) as exc:
+        size = spec_cost(spec).params_total
+        raise SpecError(spec_path, None, "", f"cannot build the eager model ({human(size)} parameters): "
+                        f"{str(exc).splitlines()[0][:200]}") from None
     if weights:
         load_weights(model, weights)
     if save_weights:
@@ -159,7 +166,7 @@ def _pass_list(value: str | None) -> tuple[str, ...] | None:
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Build directory.")
 @click.option("--passes", default=None, help="Comma-separated passes to run, in order (default: the whole pipeline).")
 @click.option("--disable-pass", "disabled", multiple=True, help="Leave out a pass (repeatable).")
-@click.option("--dump-after", default=None, help="Write IR text after this pass only ('all': after each; default all).")
+@click.option("--dump-after", default=None, help="Write IR text after this pass only, besides the initial and final IR (default: all).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="A safetensors file to check against the graphs and ship in the build.")
 @click.option("--force", is_flag=True, help="Replace an existing build directory.")
@@ -182,7 +189,7 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, f
 @main.command()
 @click.argument("build_dir", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--backend", type=click.Choice(["graph"]), default="graph", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight and token seed.")
+@click.option("--seed", type=int, default=None, help="Weight and token seed (default: the spec's).")
 @click.option("--steps", type=click.IntRange(0), default=8, show_default=True, help="Decode steps after the prompt.")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--prompt", type=click.IntRange(1), default=8, show_default=True, help="Prompt length.")

@@ -22,12 +22,13 @@ from typing import Callable
 
 from umc import __version__
 from umc.cost import spec_cost
+from umc.hashing import file_sha256
 from umc.ir.core import Graph
 from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
 from umc.ir.view import to_dot
 from umc.lower import lower
-from umc.passes import PIPELINE, PASSES, PassResult, run_pipeline
+from umc.passes import PIPELINE, PASSES, PassResult, apply_pass
 from umc.report import BATCHES, decode_cost, node_count
 from umc.spec import Spec, load_spec
 
@@ -157,9 +158,11 @@ def _write_tree(root: Path, spec: Spec, passes: tuple[str, ...], initial: dict[s
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_dump(text), encoding="utf-8")
     if shutil.which("dot"):
-        subprocess.run(["dot", "-Tsvg", str(root / "graph.dot"), "-o", str(root / "graph.svg")], check=True)
-    artifacts = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                 for p in sorted(root.rglob("*")) if p.is_file()}
+        drawn = subprocess.run(["dot", "-Tsvg", str(root / "graph.dot"), "-o", str(root / "graph.svg")],
+                               capture_output=True, text=True)
+        if drawn.returncode != 0:
+            raise BuildError(f"Graphviz dot could not draw graph.dot: {drawn.stderr.strip()[:300]}")
+    artifacts = {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
     manifest = {"umc_version": __version__, "spec": spec.name, "spec_sha256": spec_digest(spec),
                 "passes": list(passes), "artifacts": artifacts}
     (root / "manifest.json").write_text(_json(manifest), encoding="utf-8")
@@ -185,6 +188,25 @@ def _check_weights(path: Path, graphs: dict[str, Graph]) -> None:
         raise BuildError(f"{path}: cannot read safetensors weights: {exc}") from None
 
 
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging directory to ``out``; an old build there is restored if that fails."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    try:
+        os.replace(out, trash / "build")
+        try:
+            os.replace(staging, out)
+        except OSError:
+            os.replace(trash / "build", out)
+            raise
+    except OSError as exc:
+        raise BuildError(f"cannot replace {out}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, *, passes: tuple[str, ...] | None = None,
             disable: tuple[str, ...] = (), dump_after: str | None = None, force: bool = False,
             weights: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> Build:
@@ -197,19 +219,23 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
     chosen = select_passes(passes, disable)
     if dump_after not in (None, "all") and dump_after not in chosen:
         raise BuildError(f"--dump-after {dump_after!r} is not in the pipeline (allowed: all, {', '.join(chosen)})")
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise BuildError(f"{out} exists (use --force to replace it)")
+    out = Path(out_dir).resolve()
+    if out.exists():
+        if not force:
+            raise BuildError(f"{out} exists (use --force to replace it)")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
+            raise BuildError(f"{out} is not a umc build directory (no manifest.json); --force replaces only builds")
     say = progress or (lambda _: None)
     say(f"lowering {spec.name}")
     initial = lower(spec)
-    results = {kind: [] for kind in initial}
-    for kind, graph in initial.items():
-        results[kind] = run_pipeline(graph, chosen)
+    results: dict[str, list[PassResult]] = {kind: [] for kind in initial}
     for i, name in enumerate(chosen):
-        counts = ", ".join(f"{k} {len((results[k][i - 1].graph if i else initial[k]).nodes)}→{len(results[k][i].graph.nodes)}"
-                           for k in initial)
-        say(f"[{i + 1}/{len(chosen)}] {name}: {counts} nodes")
+        counts = []
+        for kind, graph in initial.items():
+            before = results[kind][-1].graph if results[kind] else graph
+            results[kind].append(apply_pass(name, before))
+            counts.append(f"{kind} {len(before.nodes)}→{len(results[kind][-1].graph.nodes)}")
+        say(f"[{i + 1}/{len(chosen)}] {name}: {', '.join(counts)} nodes")
     report = _report(spec, initial, results)
     finals = {k: (results[k][-1].graph if results[k] else initial[k]) for k in initial}
     if weights is not None:
@@ -221,13 +247,7 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
         if weights is not None:
             shutil.copyfile(weights, staging / "weights.safetensors")
         _write_tree(staging, spec, chosen, initial, results, dump_after, report)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, out)
+        _swap_into_place(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -117,9 +117,3 @@ def dim_add(a: Dim, b: Dim) -> Dim:
         return a
     return f"{a}+{b}"
 
-
-def substitute(graph: Graph, mapping: dict[int, Value]) -> tuple[Node, ...]:
-    """Per-call nodes with every input whose id is in ``mapping`` replaced."""
-    return tuple(
-        replace(n, inputs=tuple(mapping.get(v.id, v) for v in n.inputs)) for n in graph.nodes
-    )

@@ -293,7 +293,7 @@ def _grid_cost(ins, outs, attrs) -> tuple[int, int]:
     rows, _, cores = ins
     m, r = rows.shape[-2], rows.shape[-1]
     tokens_heads = math.prod(rows.shape[:-2])
-    return tokens_heads * cores.shape[1] * (2 * m * r * r + 2 * m * m * r), 0
+    return tokens_heads * cores.shape[1] * (2 * m * r * r + 2 * m * m * r), _weight_bytes(cores)
 
 
 @register("tucker_grid", _grid_cost)
@@ -358,7 +358,7 @@ def _mcs_scale(ins, attrs):
     return (rows,)
 
 
-@register("scatter_blocks", _elementwise_cost)
+@register("scatter_blocks", lambda i, o, a: (i[0].numel, 0))
 def _scatter_blocks(ins, attrs):
     """Sum weighted rows (B,T,H,m,vdim) into their virtual blocks -> (B,T,E,vdim)."""
     rows, block = ins

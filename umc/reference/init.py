@@ -27,7 +27,7 @@ def _normal(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
     t.copy_(torch.randn(t.shape, generator=gen) * std)
 
 
-def _init_memory(layer: MemoryLayer, n_units: int, gen: torch.Generator) -> None:
+def _init_memory(layer: MemoryLayer, n_layers: int, gen: torch.Generator) -> None:
     spec = layer.spec
     kd = spec.side_dim
     _normal(layer.query_proj.weight, kd ** -0.5, gen)
@@ -38,7 +38,7 @@ def _init_memory(layer: MemoryLayer, n_units: int, gen: torch.Generator) -> None
                 norm.bias.zero_()
     _normal(layer.keys, kd ** -0.5, gen)
     if spec.init == "improved":
-        value_std = (spec.value_expansion / (2 * spec.topm * spec.heads * n_units)) ** 0.5
+        value_std = (spec.value_expansion / (2 * spec.topm * spec.heads * n_layers)) ** 0.5  # L: blocks (§2)
     else:
         value_std = DENSE_STD
     _normal(layer.values_for_look_up, value_std, gen)
@@ -86,4 +86,4 @@ def initialize(model: MemoryLM, seed: int) -> None:
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     _normal(module.weight, DENSE_STD, gen)
         for layer in model.memories:
-            _init_memory(layer, len(model.memories), gen)
+            _init_memory(layer, model.spec.model.n_layers, gen)
