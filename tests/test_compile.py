@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +31,7 @@ def test_build_directory_contents(tmp_path):
         assert f"ir/{kind}.00-initial.txt" in names and f"graphs/{kind}.json" in names
         assert {f"ir/{kind}.{i:02d}-{p}.txt" for i, p in enumerate(build.passes, 1)} <= names
     assert {"manifest.json", "graph.dot", "report.json", "report.md", "spec.json"} <= names
+    assert ("graph.svg" in names) == (shutil.which("dot") is not None)  # drawn only where Graphviz is installed
     manifest = json.loads((build.path / "manifest.json").read_text())
     assert manifest["passes"] == list(umc.compiler.PIPELINE)
     for name, digest in manifest["artifacts"].items():
