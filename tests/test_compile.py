@@ -62,9 +62,13 @@ def test_existing_directory_needs_force(tmp_path):
     umc.compile(TINY, tmp_path / "b")
     with pytest.raises(BuildError, match="--force"):
         umc.compile(TINY, tmp_path / "b")
-    (tmp_path / "b" / "stale.txt").write_text("old")
-    umc.compile(TINY, tmp_path / "b", force=True)
-    assert not (tmp_path / "b" / "stale.txt").exists()
+    (tmp_path / "b" / "ir" / "prefill.00-initial.txt").write_text("old")
+    umc.compile(TINY, tmp_path / "b", force=True)  # a build's own files are replaced, edited or not
+    assert (tmp_path / "b" / "ir" / "prefill.00-initial.txt").read_text() != "old"
+    (tmp_path / "b" / "mine.txt").write_text("user file")
+    with pytest.raises(BuildError, match="did not write"):
+        umc.compile(TINY, tmp_path / "b", force=True)
+    assert (tmp_path / "b" / "mine.txt").read_text() == "user file"
 
 
 def test_failed_compile_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
@@ -226,10 +230,20 @@ def test_force_replaces_only_builds(tmp_path):
     (project / "notes.txt").write_text("keep me")
     with pytest.raises(BuildError, match="not a umc build"):
         umc.compile(TINY, project, force=True)
+    (project / "manifest.json").write_text('{"name": "my app"}')  # someone else's manifest
+    with pytest.raises(BuildError, match="not a umc build"):
+        umc.compile(TINY, project, force=True)
     assert (project / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BuildError, match="not a directory"):
+        umc.compile(TINY, tmp_path / "file", force=True)
+    (tmp_path / "empty").mkdir()
+    assert umc.compile(TINY, tmp_path / "empty", force=True).path == (tmp_path / "empty").resolve()
 
 
-def test_failed_swap_restores_the_old_build(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, raised", [(OSError(16, "Device or resource busy"), BuildError),
+                                             (KeyboardInterrupt(), KeyboardInterrupt)], ids=["error", "ctrl-c"])
+def test_interrupted_swap_puts_the_old_build_back(tmp_path, monkeypatch, failure, raised):
     import os
 
     umc.compile(TINY, tmp_path / "b")
@@ -237,14 +251,14 @@ def test_failed_swap_restores_the_old_build(tmp_path, monkeypatch):
     real = os.replace
     calls = []
 
-    def flaky(src, dst):
+    def fail_second(src, dst):
         calls.append(dst)
         if len(calls) == 2:  # the old build has moved aside; putting the new one in place fails
-            raise OSError(16, "Device or resource busy")
+            raise failure
         return real(src, dst)
 
-    monkeypatch.setattr(umc.compiler.os, "replace", flaky)
-    with pytest.raises(BuildError, match="cannot replace"):
+    monkeypatch.setattr(umc.compiler.os, "replace", fail_second)
+    with pytest.raises(raised):
         umc.compile(TINY, tmp_path / "b", force=True)
     monkeypatch.undo()
     assert files_of(tmp_path / "b") == before

@@ -1,6 +1,7 @@
 """The verifier's own machinery: forced selections reproduce the eager model, and the tie-aware
 selection check fails on a swap that is not a tie."""
 
+import pytest
 import torch
 
 from umc.reference import build_model
@@ -44,3 +45,27 @@ def test_selection_check_accepts_the_same_and_rejects_a_real_swap(tiny_spec):
         bad[:, :, 0] = worst
     check = selection_check(layer, x, bad.view(5, -1), "float32", "swapped")
     assert not check.ok and check.max_rel >= 1
+
+
+VARIANTS = {
+    "conv kernel 1": ("ultramem-tiny", {"query_conv": 1}),
+    "E=1, one core, rank 1": ("ultramem-tiny", {"value_expansion": 1, "cores": 1, "tucker_rank": 1}),
+    "topm = keys per side": ("ultramem-tiny", {"topm": 16}),
+    "pkm with conv under a LayerNorm model": ("pkm-tiny", {"query_conv": 2}),
+    "unshared queries, relu": ("ultramem-tiny", {"share_query": False, "score_activation": "relu"}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
+def test_verify_passes_on_spec_variants(tmp_path, variant):
+    import dataclasses
+
+    import umc
+    from conftest import SPECS
+    from umc.verify import verify_build
+
+    name, changes = VARIANTS[variant]
+    spec = umc.load_spec(SPECS / f"{name}.yaml")
+    umc.compile(dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, **changes)), tmp_path / "b")
+    checks = verify_build(tmp_path / "b", steps=3)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]

@@ -199,9 +199,9 @@ def verify(build_dir, backend, seed, steps, batch, prompt):
 
     Builds the eager model with SEED (or the build's weights.safetensors), runs a prompt and
     STEPS decode steps through both with the build's memory selections forced on the eager
-    side (each checked to differ from eager's own only at rounding-level ties), and
-    compares logits per step and the final KV cache within the dtype's tolerance. Exit 1 on a
-    mismatch.
+    side (each checked to differ from eager's own only at rounding-level ties), and compares
+    logits, KV cache and query-conv state at every step within the dtype's tolerance. Exit 1
+    on a mismatch.
     """
     from umc.verify import verify_build
 

@@ -188,23 +188,51 @@ def _check_weights(path: Path, graphs: dict[str, Graph]) -> None:
         raise BuildError(f"{path}: cannot read safetensors weights: {exc}") from None
 
 
+def _check_replaceable(out: Path) -> None:
+    """--force replaces an empty directory or a umc build holding nothing but its manifest's files."""
+    if not out.is_dir():
+        raise BuildError(f"{out} is not a directory; --force replaces only umc build directories")
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()}
+    if not present:
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        listed = set(manifest["artifacts"]) | {"manifest.json"}
+        manifest["umc_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BuildError(f"{out} is not a umc build directory (no valid manifest.json); "
+                         "--force replaces only builds") from None
+    extra = sorted(present - listed)
+    if extra:
+        raise BuildError(f"{out} holds files the build did not write ({', '.join(extra[:3])}); "
+                         "move them away or choose another directory")
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished staging directory to ``out``; an old build there is restored if that fails."""
+    """Rename the finished staging directory to ``out``. An old build there is moved aside first and
+    put back if anything (an error, Ctrl-C) stops the swap; it is deleted only after success."""
     if not out.exists():
         os.replace(staging, out)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = trash / "build"
     try:
-        os.replace(out, trash / "build")
-        try:
-            os.replace(staging, out)
-        except OSError:
-            os.replace(trash / "build", out)
-            raise
+        os.replace(out, old)
     except OSError as exc:
-        raise BuildError(f"cannot replace {out}: {exc.strerror}") from None
-    finally:
         shutil.rmtree(trash, ignore_errors=True)
+        raise BuildError(f"cannot replace {out}: {exc.strerror}") from None
+    try:
+        os.replace(staging, out)
+    except BaseException as exc:
+        try:
+            os.replace(old, out)
+        except OSError:
+            raise BuildError(f"cannot replace {out}, and the old build could not be put back: it is in {old}") from None
+        shutil.rmtree(trash, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BuildError(f"cannot replace {out}: {exc.strerror}") from None
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, *, passes: tuple[str, ...] | None = None,
@@ -223,8 +251,7 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
     if out.exists():
         if not force:
             raise BuildError(f"{out} exists (use --force to replace it)")
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
-            raise BuildError(f"{out} is not a umc build directory (no manifest.json); --force replaces only builds")
+        _check_replaceable(out)
     say = progress or (lambda _: None)
     say(f"lowering {spec.name}")
     initial = lower(spec)

@@ -165,13 +165,17 @@ class MemoryLayer(nn.Module):
         s_col = torch.einsum("thd,hndr->thnr", q_col, keys[:, 1])
         return (s_row * u).sum(-1), (s_col * v).sum(-1)
 
-    def scores_at(self, x: torch.Tensor, address: torch.Tensor) -> torch.Tensor:
-        """Per-core scores (M, H*m, h), before the activation, of given grid addresses (M, H*m), head-major."""
+    def scores_at(self, x: torch.Tensor, address: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-core scores (M, K, h), before the activation, of grid addresses (M, K).
+
+        ``heads`` (K,) names each address column's head; by default K = H*m, head-major.
+        """
         spec = self.spec
         n = spec.keys_per_side
         q_row, q_col = self._queries(x)
         keys = self._normed_keys()
-        heads = torch.arange(spec.heads).repeat_interleave(spec.topm)  # head of each address column
+        if heads is None:
+            heads = torch.arange(spec.heads).repeat_interleave(spec.topm)
         row, col = address // n, address % n
         if spec.kind == "pkm":
             s_row = torch.einsum("tkd,tkd->tk", q_row[:, heads], keys[heads, 0, row])
