@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from umc.ir.core import Graph, Node
+from umc.ir.core import Graph, IRError, Node
 from umc.passes.editor import Editor
 
 _SCOPE = re.compile(r"mem(\d+)\.(\w+)")
@@ -46,7 +46,7 @@ def skip_layer_overlap(graph: Graph) -> tuple[Graph, list[str]]:
         inside = {v.id for n in nodes for v in n.outputs}
         external = {v.id for n in nodes for v in n.inputs} - inside - outside
         if len(external) != 1:
-            raise ValueError(f"memory unit {j} reads {len(external)} main-stream values, expected 1")
+            raise IRError(f"memory unit {j} reads {len(external)} main-stream values, expected 1")
         fork_after.setdefault(external.pop(), []).append(j)
 
     units = dict(graph.meta).get("units", ())

@@ -60,7 +60,7 @@ def check_inputs(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, 
 
 def _run(node: Node, env: dict[int, torch.Tensor]) -> None:
     outs = run_op(node.op, dict(node.attrs), [env[v.id] for v in node.inputs])
-    for value, tensor in zip(node.outputs, outs):
+    for value, tensor in zip(node.outputs, outs, strict=True):  # an implementation must return every output
         env[value.id] = tensor
 
 

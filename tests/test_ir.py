@@ -6,7 +6,7 @@ import networkx as nx
 import pytest
 
 from umc.ir import GraphBuilder, IRError, TensorType, format_graph, graph_from_json, graph_to_json, to_dot, to_networkx, verify
-from umc.ir.core import Node, Value
+from umc.ir.core import Value
 
 
 def small_graph():

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from umc.ir.core import DTYPE_BYTES, Dim, IRError, TensorType, dim_add
+from umc.ir.core import Dim, IRError, TensorType, dim_add
 
 TypeRule = Callable[[tuple[TensorType, ...], dict[str, Any]], tuple[TensorType, ...]]
 
