@@ -68,8 +68,14 @@ def execute(graph: Graph, bound: Mapping[int, torch.Tensor], inputs: Mapping[str
             threads: bool = False, observe: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Run the per-call nodes on named inputs; returns the named outputs, plus the values
     whose ids ``observe`` names (intermediate results a verifier wants to see)."""
-    env = dict(bound)
     check_inputs(graph, inputs)
+    return execute_checked(graph, bound, inputs, threads, observe)
+
+
+def execute_checked(graph: Graph, bound: Mapping[int, torch.Tensor], inputs: Mapping[str, torch.Tensor],
+                    threads: bool = False, observe: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """``execute`` for inputs that already passed ``check_inputs``."""
+    env = dict(bound)
     for value in graph.inputs:
         env[value.id] = inputs[value.name]
     with torch.no_grad():

@@ -15,35 +15,14 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
-from umc.hashing import file_sha256
 from umc.ir.serialize import graph_from_json
-from umc.runtime.graph_backend import BindError, bind, check_inputs, execute
+from umc.manifest import BuildDirError, read_manifest
+from umc.runtime.graph_backend import BindError, bind, check_inputs, execute_checked
 
 BACKENDS = ("graph",)
 
 
-class BuildDirError(ValueError):
-    """A build directory that is missing, incomplete or modified."""
-
-
 State = dict[str, torch.Tensor]
-
-
-def read_manifest(build_dir: Path) -> dict:
-    """The manifest, after checking every listed file's sha256."""
-    path = build_dir / "manifest.json"
-    if not path.is_file():
-        raise BuildDirError(f"{build_dir}: no manifest.json (not a umc build directory, or an incomplete one)")
-    try:
-        manifest = json.loads(path.read_text())
-        artifacts = dict(manifest["artifacts"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise BuildDirError(f"{path}: not a valid manifest (expected JSON with an 'artifacts' table)") from None
-    for name, digest in artifacts.items():
-        file = build_dir / name
-        if not file.is_file() or file_sha256(file) != digest:
-            raise BuildDirError(f"{build_dir}: {name} is missing or was modified after the build")
-    return manifest
 
 
 class Session:
@@ -91,7 +70,7 @@ class Session:
         if length > self.max_seq_len:
             raise BindError(f"sequence length {length} exceeds the spec's max_seq_len {self.max_seq_len}")
         taps = selection_taps(graph) if trace else {}
-        out = execute(graph, self.bound[kind], feeds, self.threads, observe={f"selection.{j}": i for j, i in taps.items()})
+        out = execute_checked(graph, self.bound[kind], feeds, self.threads, observe={f"selection.{j}": i for j, i in taps.items()})
         selections = {j: out.pop(f"selection.{j}").flatten(2) for j in taps}
         return out.pop("logits"), out, selections
 

@@ -8,26 +8,27 @@ from umc.reference import build_model
 from umc.verify import selection_check
 
 
-def test_forcing_the_models_own_selection_changes_nothing(tiny_spec):
-    model = build_model(tiny_spec)
-    tokens = torch.randint(0, tiny_spec.model.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+def free_and_forced(spec, shape, seed, change):
+    """Logits of the eager model on random tokens, and again with each unit's own selection passed
+    through ``change`` and forced."""
+    model = build_model(spec)
+    tokens = torch.randint(0, spec.model.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
     queries: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         free, _ = model(tokens, memory_inputs=queries)
-        own = {j: model.memories[j].retrieve(q).indices.view(2, 6, -1) for j, q in queries.items()}
-        forced, _ = model(tokens, select=own)
+        own = {j: model.memories[j].retrieve(q).indices.view(*shape, -1) for j, q in queries.items()}
+        forced, _ = model(tokens, select={j: change(a) for j, a in own.items()})
+    return free, forced
+
+
+def test_forcing_the_models_own_selection_changes_nothing(tiny_spec):
+    free, forced = free_and_forced(tiny_spec, (2, 6), 0, lambda address: address)
     assert (forced - free).abs().max() <= 1e-6
 
 
 def test_forcing_another_selection_changes_the_output(tiny_spec):
-    model = build_model(tiny_spec)
-    tokens = torch.randint(0, tiny_spec.model.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
-    queries: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        free, _ = model(tokens, memory_inputs=queries)
-        shifted = {j: (model.memories[j].retrieve(q).indices + 1) % tiny_spec.memory.virtual_values
-                   for j, q in queries.items()}
-        forced, _ = model(tokens, select={j: a.view(1, 4, -1) for j, a in shifted.items()})
+    shift = lambda address: (address + 1) % tiny_spec.memory.virtual_values
+    free, forced = free_and_forced(tiny_spec, (1, 4), 1, shift)
     assert (forced - free).abs().max() > 1e-3
 
 

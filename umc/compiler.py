@@ -22,12 +22,12 @@ from typing import Callable
 
 from umc import __version__
 from umc.cost import spec_cost
-from umc.hashing import file_sha256
 from umc.ir.core import Graph
 from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
 from umc.ir.view import to_dot
 from umc.lower import lower
+from umc.manifest import BuildDirError, file_sha256, read_manifest
 from umc.passes import PIPELINE, PASSES, PassResult, apply_pass
 from umc.report import BATCHES, decode_cost, node_count
 from umc.spec import Spec, load_spec
@@ -196,10 +196,8 @@ def _check_replaceable(out: Path) -> None:
     if not present:
         return
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        listed = set(manifest["artifacts"]) | {"manifest.json"}
-        manifest["umc_version"]
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = set(read_manifest(out, check_hashes=False)["artifacts"]) | {"manifest.json"}
+    except BuildDirError:
         raise BuildError(f"{out} is not a umc build directory (no valid manifest.json); "
                          "--force replaces only builds") from None
     extra = sorted(present - listed)
