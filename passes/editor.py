@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from umc.ir.core import Graph, IRError, Node, Value
-from umc.ir.ops import infer_types
+from umc.ir.core import Graph, IRError, Node, Scope, Value
+from umc.ir.ops import check_attrs, infer_types
 from umc.ir.verify import verify
 
 
@@ -24,6 +24,7 @@ class Editor:
         self.init_nodes: list[Node] = list(graph.init_nodes)
         self.nodes: list[Node] = []
         self.remap: dict[int, Value] = {}
+        self.read: set[int] = set()
         self.weights = {v.id for v in graph.params} | {v.id for n in graph.init_nodes for v in n.outputs}
 
     def resolve(self, value: Value) -> Value:
@@ -32,29 +33,31 @@ class Editor:
             value = self.remap[value.id]
         return value
 
+    def _append(self, node: Node) -> Node:
+        self.read.update(v.id for v in node.inputs)
+        self.nodes.append(node)
+        return node
+
     def keep(self, node: Node) -> Node:
         """Copy a node through with its inputs remapped."""
-        kept = replace(node, inputs=tuple(self.resolve(v) for v in node.inputs))
-        self.nodes.append(kept)
-        return kept
+        return self._append(replace(node, inputs=tuple(self.resolve(v) for v in node.inputs)))
 
-    def emit(self, op: str, *inputs: Value, scope: str, stream: int = 0, **attrs: Any) -> tuple[Value, ...]:
+    def emit(self, op: str, *inputs: Value, scope: Scope, stream: int = 0, **attrs: Any) -> tuple[Value, ...]:
         """Append a new node; it goes to the load-time section when all its inputs are weights."""
         inputs = tuple(self.resolve(v) for v in inputs)
-        attr_items = tuple(sorted(attrs.items()))
-        types = infer_types(op, tuple(v.type for v in inputs), dict(attr_items))
+        types = infer_types(op, tuple(v.type for v in inputs), attrs)
         outputs = tuple(Value(self._next + i, t) for i, t in enumerate(types))
         self._next += len(outputs)
         load_time = bool(inputs) and all(v.id in self.weights for v in inputs)
-        node = Node(op, inputs, outputs, attr_items, scope, 0 if load_time else stream)
+        node = Node(op, inputs, outputs, tuple(sorted(check_attrs(op, attrs).items())), scope, 0 if load_time else stream)
         if load_time:
             self.init_nodes.append(node)
             self.weights.update(v.id for v in outputs)
         else:
-            self.nodes.append(node)
+            self._append(node)
         return outputs
 
-    def one(self, op: str, *inputs: Value, scope: str, stream: int = 0, **attrs: Any) -> Value:
+    def one(self, op: str, *inputs: Value, scope: Scope, stream: int = 0, **attrs: Any) -> Value:
         """``emit`` for single-output ops."""
         (out,) = self.emit(op, *inputs, scope=scope, stream=stream, **attrs)
         return out
@@ -71,16 +74,18 @@ class Editor:
         return bool(node.inputs) and all(self.resolve(v).id in self.weights for v in node.inputs)
 
     def replace(self, old: Value, new: Value) -> None:
-        """Every later use of ``old`` reads ``new`` (same type)."""
+        """Every later use of ``old`` reads ``new`` (same type); a use already emitted would be missed: IRError."""
         new = self.resolve(new)
         if old.type != new.type:
             raise IRError(f"replacing %{old.id}: {old.type} with %{new.id}: {new.type}")
+        if old.id in self.read:
+            raise IRError(f"replacing %{old.id} after a node already read it")
         self.remap[old.id] = new
 
-    def finish(self, **changes: Any) -> Graph:
+    def finish(self) -> Graph:
         """The rewritten graph with dead nodes and unused parameters removed, verified."""
         outputs = tuple(Value(self.resolve(v).id, v.type, v.name) for v in self.graph.outputs)
-        graph = self.graph.evolve(init_nodes=tuple(self.init_nodes), nodes=tuple(self.nodes), outputs=outputs, **changes)
+        graph = self.graph.evolve(init_nodes=tuple(self.init_nodes), nodes=tuple(self.nodes), outputs=outputs)
         return verify(eliminate_dead_code(graph))
 
 
@@ -95,9 +100,3 @@ def eliminate_dead_code(graph: Graph) -> Graph:
                 live.update(v.id for v in node.inputs)
     params = tuple(p for p in graph.params if p.id in live)
     return graph.evolve(nodes=tuple(reversed(keep_main)), init_nodes=tuple(reversed(keep_init)), params=params)
-
-
-def producer_of(producers: dict[int, Node], value: Value, op: str) -> Node | None:
-    """The node that defines ``value``, if it is an ``op`` node (the building block of pattern matching)."""
-    node = producers.get(value.id)
-    return node if node is not None and node.op == op else None

@@ -1,111 +1,131 @@
-"""Query-conv folding (DESIGN.md §4): fold what is constant or linear around the query.
+"""Query-conv folding (DESIGN.md §4): fold what is constant or linear around the query, as rules.
 
-Three rewrites per memory layer, all exact in real arithmetic:
-- rank-1 keys: ``topm(coarse_scores(rank_scores(q, K), u))`` scores every key at every
-  rank; with ``K_u = sum_r u_r K[..., r]`` (load time) coarse scoring is one matmul
-  ``key_scores(q, K_u)``, and only the m winners' rank scores are computed
-  (``gathered_rank_scores``) for the Tucker grid.
-- norm scale + causal conv + query projection: ``linear(query_conv(rms_norm(x, w)), Wq)``
-  becomes one ``norm_conv_query_proj(x, w, c, b, Wq)`` carrying the decode conv state
-  (past normed inputs, as before, so states stay interchangeable). It convolves first
-  and projects once: folding Wq into each of the K taps would cost K times its FLOPs.
-  Without a conv the norm scale folds into the weight: ``linear(rms_normalize(x),
-  Wq diag(w))``. A LayerNorm model norm has a bias, so there only conv and
-  projection fuse (``conv_query_proj``).
-- the key LayerNorm and other weight-only steps run at load time (the load-time
-  section), so the keys are normalized once, not per call.
+All exact in real arithmetic:
+- ``rank_one_keys``: ``coarse_scores(rank_scores(q, K), u)`` scores every key at every rank;
+  with ``K_u = sum_r u_r K[..., r]`` (a load-time fold) it is one matmul ``key_scores(q, K_u)``.
+- ``winner_rank_scores``: ``gather_rank_rows(rank_scores(q, K), I)`` needs the rank scores of the
+  m winners only: ``gathered_rank_scores(q, K, I)``. With both rules the full rank scores die.
+- ``norm_conv_query_proj``: ``linear(query_conv(rms_norm(x, w)), Wq)`` becomes one op carrying the
+  decode conv state (past normed inputs, as before, so states stay interchangeable). It convolves
+  first and projects once: folding Wq into each of the K taps would cost K times its FLOPs.
+- ``conv_query_proj``: the same without a foldable norm (a LayerNorm model norm has a bias).
+- ``norm_scale_into_query``: without a conv, ``linear(rms_norm(x, w), Wq)`` of a memory query is
+  ``linear(rms_normalize(x), Wq diag(w))``, the scaled weight computed at load time.
+A fork between the model's norm and the memory branch (skip-layer overlap) is looked through:
+the branch then forks the block's residual stream instead.
 """
 
 from __future__ import annotations
 
 from umc.ir.core import Graph, Node, Value
-from umc.passes.editor import Editor, producer_of
+from umc.passes.editor import Editor
+from umc.passes.rules import Bindings, Context, Rule, apply_rules
 
 
-def _producer_through_fork(value: Value, producers: dict[int, Node]) -> tuple[Node | None, Node | None]:
-    """(producer, fork) where a fork between them is looked through."""
-    fork = producer_of(producers, value, "fork")
-    if fork is not None:
-        return producers.get(fork.inputs[0].id), fork
-    return producers.get(value.id), None
+def _rank_one_keys(node: Node, ctx: Context):
+    ranked = ctx.producer(node.inputs[0], "rank_scores")
+    if ranked is None:
+        return "its scores are not full rank scores"
+    q, keys = ranked.inputs
+    return {"q": q, "keys": keys, "u": node.inputs[1]}
+
+
+def _fold_keys(node: Node, m: Bindings, editor: Editor) -> dict[Value, Value]:
+    k_u = editor.one("fold_rank", m["keys"], m["u"], scope=node.scope, stream=node.stream)
+    return {node.outputs[0]: editor.one("key_scores", m["q"], k_u, scope=node.scope, stream=node.stream)}
+
+
+def _winner_rank_scores(node: Node, ctx: Context):
+    ranked = ctx.producer(node.inputs[0], "rank_scores")
+    if ranked is None:
+        return "its scores are not full rank scores"
+    return {"q": ranked.inputs[0], "keys": ranked.inputs[1]}
+
+
+def _gather_winners(node: Node, m: Bindings, editor: Editor) -> dict[Value, Value]:
+    picked = editor.one("gathered_rank_scores", m["q"], m["keys"], node.inputs[1], scope=node.scope, stream=node.stream)
+    return {node.outputs[0]: picked}
+
+
+def _normed_source(value: Value, ctx: Context) -> tuple[Node | None, Node | None]:
+    """(rms_norm node, fork node or None) producing ``value``, looking through one fork."""
+    fork = ctx.producer(value, "fork")
+    return ctx.producer(fork.inputs[0] if fork else value, "rms_norm"), fork
+
+
+def _conv_projection(node: Node, ctx: Context) -> Bindings | str | None:
+    conv = ctx.producer(node.inputs[0], "query_conv")
+    if conv is None:
+        return None
+    if not ctx.only_read_by(conv.outputs[0], node):
+        return "the conv output has other readers (fusing would convolve twice)"
+    return {"conv": conv}
+
+
+def _norm_conv_match(node: Node, ctx: Context):
+    found = _conv_projection(node, ctx)
+    if not isinstance(found, dict):
+        return found
+    norm, fork = _normed_source(found["conv"].inputs[0], ctx)
+    if norm is None:
+        return "the conv input is not an RMSNorm (a LayerNorm has a bias; conv_query_proj applies)"
+    return {**found, "norm": norm, "fork": fork}
+
+
+def _branch_source(value: Value, fork: Node | None, editor: Editor) -> Value:
+    """``value``, forked again onto the branch when the original input came through a fork."""
+    if fork is None:
+        return value
+    return editor.one("fork", value, scope=fork.scope, stream=fork.stream, **dict(fork.attrs))
+
+
+def _fuse_norm_conv(node: Node, m: Bindings, editor: Editor) -> dict[Value, Value]:
+    conv, norm = m["conv"], m["norm"]
+    x = _branch_source(norm.inputs[0], m["fork"], editor)
+    _, conv_w, conv_b, *state = conv.inputs
+    query, new_state = editor.emit("norm_conv_query_proj", x, norm.inputs[1], conv_w, conv_b, node.inputs[1], *state,
+                                   scope=node.scope, stream=node.stream, kernel=conv.attr("kernel"), eps=norm.attr("eps"))
+    return {node.outputs[0]: query, conv.outputs[1]: new_state}
+
+
+def _fuse_conv(node: Node, m: Bindings, editor: Editor) -> dict[Value, Value]:
+    conv = m["conv"]
+    h, conv_w, conv_b, *state = conv.inputs
+    query, new_state = editor.emit("conv_query_proj", h, conv_w, conv_b, node.inputs[1], *state,
+                                   scope=node.scope, stream=node.stream, kernel=conv.attr("kernel"))
+    return {node.outputs[0]: query, conv.outputs[1]: new_state}
+
+
+def _norm_scale_match(node: Node, ctx: Context):
+    if node.scope.part != "query" or node.scope.unit is None:
+        return None
+    norm, fork = _normed_source(node.inputs[0], ctx)
+    if norm is None:
+        return "the query input is not an RMSNorm output"
+    return {"norm": norm, "fork": fork}
+
+
+def _fold_norm_scale(node: Node, m: Bindings, editor: Editor) -> dict[Value, Value]:
+    norm = m["norm"]
+    x = _branch_source(norm.inputs[0], m["fork"], editor)
+    features = editor.one("rms_normalize", x, scope=node.scope, stream=node.stream, eps=norm.attr("eps"))
+    folded = editor.one("scale_columns", node.inputs[1], norm.inputs[1], scope=node.scope, stream=node.stream)
+    return {node.outputs[0]: editor.one("linear", features, folded, scope=node.scope, stream=node.stream)}
+
+
+RULES = (
+    Rule("rank_one_keys", ("coarse_scores",), _rank_one_keys, _fold_keys,
+         "coarse scores against rank-folded keys K_u (one matmul)"),
+    Rule("winner_rank_scores", ("gather_rank_rows",), _winner_rank_scores, _gather_winners,
+         "rank scores computed for the m winners only"),
+    Rule("norm_conv_query_proj", ("linear",), _norm_conv_match, _fuse_norm_conv,
+         "norm scale, causal conv and query projection fused into one op"),
+    Rule("conv_query_proj", ("linear",), _conv_projection, _fuse_conv, "causal conv and query projection fused into one op"),
+    Rule("norm_scale_into_query", ("linear",), _norm_scale_match, _fold_norm_scale,
+         "norm scale folded into the query projection"),
+)
 
 
 def query_conv_folding(graph: Graph) -> tuple[Graph, list[str]]:
     """Fold rank-1 vectors into coarse keys, and norm scale + conv into the query projection."""
-    producers = graph.producers()
-    editor = Editor(graph)
-    notes: list[str] = []
-    folded_scores: dict[int, tuple[Value, Value]] = {}  # rank_scores output id -> (q, K)
-    for node in graph.nodes:
-        if node.op == "topm" and _fold_rank_one(editor, node, producers, folded_scores):
-            notes.append(f"{node.scope}: coarse scores against rank-folded keys K_u (one matmul)")
-        elif node.op == "gather_rank_rows" and node.inputs[0].id in folded_scores:
-            q, keys = folded_scores[node.inputs[0].id]
-            picked = editor.one("gathered_rank_scores", q, keys, node.inputs[1], scope=node.scope, stream=node.stream)
-            editor.replace(node.outputs[0], picked)
-        elif node.op == "linear" and node.inputs[1].name.endswith("query_proj.weight"):
-            note = _fuse_query_projection(editor, node, producers)
-            if note:
-                notes.append(note)
-            else:
-                editor.keep(node)
-        elif node.scope.startswith("mem") and editor.is_weight_only(node):
-            editor.copy(node)  # e.g. the key LayerNorm: once at load time
-        else:
-            editor.keep(node)
-    result = editor.finish()
-    notes = [f"{note} (x{notes.count(note)})" if notes.count(note) > 1 else note for note in dict.fromkeys(notes)]
-    hoisted = len(result.init_nodes) - len(graph.init_nodes)
-    if notes and hoisted:
-        notes.append(f"{hoisted} weight-only nodes (key LayerNorm, K_u, folded projections) now run once at load time")
-    return result, notes
-
-
-def _fold_rank_one(editor: Editor, topm: Node, producers: dict[int, Node], folded: dict) -> bool:
-    """topm(coarse_scores(rank_scores(q, K), u)) -> topm(key_scores(q, fold_rank(K, u)))."""
-    coarse = producer_of(producers, topm.inputs[0], "coarse_scores")
-    ranked = producer_of(producers, coarse.inputs[0], "rank_scores") if coarse else None
-    if ranked is None:
-        return False
-    q, keys = ranked.inputs
-    u = coarse.inputs[1]
-    k_u = editor.one("fold_rank", keys, u, scope=topm.scope)
-    scores = editor.one("key_scores", q, k_u, scope=topm.scope, stream=topm.stream)
-    values, indices = editor.emit("topm", scores, scope=topm.scope, stream=topm.stream, **dict(topm.attrs))
-    editor.replace(topm.outputs[0], values)
-    editor.replace(topm.outputs[1], indices)
-    folded[ranked.outputs[0].id] = (q, keys)
-    return True
-
-
-def _fuse_query_projection(editor: Editor, proj: Node, producers: dict[int, Node]) -> str | None:
-    """linear(query_conv(h), Wq) with h = rms_norm(x) (or any h), or linear(rms_norm(x), Wq): one op."""
-    x, wq = proj.inputs
-    scope, stream = proj.scope, proj.stream
-    conv = producer_of(producers, x, "query_conv")
-    normed = conv.inputs[0] if conv else x
-    norm, fork = _producer_through_fork(normed, producers)
-    fold_norm = norm is not None and norm.op == "rms_norm"
-    if not conv and not fold_norm:
-        return None
-    if fold_norm:
-        source = norm.inputs[0]
-        if fork is not None:  # the branch now starts from the block's residual stream
-            source = editor.one("fork", source, scope=fork.scope, stream=fork.stream, **dict(fork.attrs))
-    if conv is None:
-        features = editor.one("rms_normalize", source, scope=scope, stream=stream, **dict(norm.attrs))
-        folded_w = editor.one("scale_columns", wq, norm.inputs[1], scope=scope)
-        editor.replace(proj.outputs[0], editor.one("linear", features, folded_w, scope=scope, stream=stream))
-        return f"{scope}: norm scale folded into the query projection"
-    _, conv_w, conv_b, *state = conv.inputs
-    kernel = conv.attr("kernel")
-    if fold_norm:
-        query, new_state = editor.emit("norm_conv_query_proj", source, norm.inputs[1], conv_w, conv_b, wq, *state,
-                                       scope=scope, stream=stream, kernel=kernel, **dict(norm.attrs))
-    else:
-        query, new_state = editor.emit("conv_query_proj", normed, conv_w, conv_b, wq, *state,
-                                       scope=scope, stream=stream, kernel=kernel)
-    editor.replace(proj.outputs[0], query)
-    editor.replace(conv.outputs[1], new_state)
-    what = "norm scale, causal conv" if fold_norm else "causal conv"
-    return f"{scope}: {what} and query projection fused into one op (K={kernel})"
+    return apply_rules(graph, RULES)

@@ -1,95 +1,133 @@
-"""Sessions: a build directory plus weights, ready to prefill and decode.
+"""Sessions: a build directory plus weights, ready to prefill and decode through any registered backend.
 
-``load(build_dir, backend="graph", weights=...)`` checks the manifest's hashes, reads
-the final prefill and decode graphs, binds the weights by parameter name (the eager
-model's state-dict names; inside memory layers, the authors' checkpoint names) and runs
-their load-time nodes once.
+``load(build_dir, backend="graph", weights=...)`` checks the manifest (format and hashes),
+reads and re-verifies the final prefill and decode graphs, checks the weights against them
+(names, shapes, dtypes, finiteness, permutations) and hands them to the backend. The session
+owns everything that does not depend on the backend: token and state checks, the sequence
+length limit, and the state dict (keyed by the graphs' declared state slots).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from umc.ir.core import Graph, IRError
 from umc.ir.serialize import graph_from_json
 from umc.manifest import BuildDirError, read_manifest
-from umc.runtime.graph_backend import BindError, bind, check_inputs, execute_checked
-
-BACKENDS = ("graph",)
-
+from umc.runtime.backends import lookup_backend
+from umc.runtime.checks import InputError, check_feeds, check_state, check_tokens, check_weights
+from umc.spec import Spec, SpecError, spec_from_dict
 
 State = dict[str, torch.Tensor]
+Taps = dict[int, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class BuildFiles:
+    """What a runtime reads from a verified build directory."""
+
+    path: Path
+    manifest: dict
+    spec: Spec
+    graphs: dict[str, Graph]
+
+
+def read_build(build_dir: str | Path) -> BuildFiles:
+    """Manifest (format, hashes), spec and graphs of a build, each verified; BuildDirError names what is wrong."""
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    listed = manifest["artifacts"]
+    missing = [name for name in ("spec.json", "graphs/prefill.json", "graphs/decode.json") if name not in listed]
+    if missing:
+        raise BuildDirError(f"{build_dir}: the manifest does not list {', '.join(missing)}")
+    try:
+        spec = spec_from_dict(json.loads((build_dir / "spec.json").read_text()), source=str(build_dir / "spec.json"))
+    except (ValueError, SpecError) as exc:
+        raise BuildDirError(f"{build_dir}/spec.json: {exc}") from None
+    graphs = {}
+    for kind in ("prefill", "decode"):
+        path = build_dir / "graphs" / f"{kind}.json"
+        try:
+            graphs[kind] = graph_from_json(json.loads(path.read_text()))
+        except (ValueError, IRError) as exc:
+            raise BuildDirError(f"{path}: not a valid umc graph: {exc}") from None
+    return BuildFiles(build_dir, manifest, spec, graphs)
+
+
+def _taps(graph: Graph, outputs: dict[str, torch.Tensor]) -> Taps:
+    taps: Taps = {}
+    for tap in graph.taps:
+        taps.setdefault(tap.unit, {})[tap.stage] = outputs[tap.output]
+    return taps
 
 
 class Session:
-    """Prefill and decode through one backend; the state is a dict of named tensors."""
+    """Prefill and decode through one backend; the state is a dict of named tensors (``StateSlot.name``)."""
 
-    def __init__(self, build_dir: Path, weights: Mapping[str, torch.Tensor], backend: str, threads: bool):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} (allowed: {', '.join(BACKENDS)})")
-        read_manifest(build_dir)
-        self.max_seq_len = json.loads((build_dir / "spec.json").read_text())["model"]["max_seq_len"]
-        self.graphs = {kind: graph_from_json(json.loads((build_dir / f"graphs/{kind}.json").read_text()))
-                       for kind in ("prefill", "decode")}
-        self.bound = {kind: bind(graph, weights) for kind, graph in self.graphs.items()}
-        self.threads = threads
+    def __init__(self, build: BuildFiles, weights: Mapping[str, torch.Tensor], backend: str = "graph",
+                 threads: bool = True):
+        backend_class = lookup_backend(backend)
+        check_weights(build.graphs, weights)
+        self.build = build
+        self.spec = build.spec
+        self.graphs = build.graphs
+        self.backend = backend_class(build.graphs, weights, threads=threads)
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
         """tokens (B, T) -> logits (B, T, vocab) and the state to continue from."""
-        logits, state, _ = self._run("prefill", {"tokens": tokens}, trace=False)
+        logits, state, _ = self.trace_prefill(tokens)
         return logits, state
 
     def decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One token per sequence (B, 1) after ``state`` -> logits (B, 1, vocab) and the new state."""
-        logits, state, _ = self._run("decode", self._decode_feeds(tokens, state), trace=False)
+        logits, state, _ = self.trace_decode(tokens, state)
         return logits, state
 
-    def trace_prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State, dict[int, torch.Tensor]]:
-        """prefill, plus each memory unit's selected grid addresses (B, T, H*m) for tie-aware verification."""
-        return self._run("prefill", {"tokens": tokens}, trace=True)
+    def trace_prefill(self, tokens: torch.Tensor, force: Mapping[str, torch.Tensor] | None = None):
+        """prefill, plus each memory unit's selection taps {unit: {stage: tensor}} (rows, cols, grid, scores)."""
+        check_tokens(tokens, self.spec.model.vocab_size)
+        return self._run("prefill", {"tokens": tokens}, force)
 
-    def trace_decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, dict[int, torch.Tensor]]:
-        """decode, plus each memory unit's selected grid addresses (B, 1, H*m)."""
-        return self._run("decode", self._decode_feeds(tokens, state), trace=True)
+    def trace_decode(self, tokens: torch.Tensor, state: State, force: Mapping[str, torch.Tensor] | None = None):
+        """decode, plus the selection taps."""
+        check_tokens(tokens, self.spec.model.vocab_size)
+        return self._run("decode", {"tokens": tokens, **check_state(self.graphs["decode"], state)}, force)
 
-    def _decode_feeds(self, tokens: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
-        feeds = {"tokens": tokens}
-        for value in self.graphs["decode"].inputs:
-            if value.name != "tokens":
-                feeds[value.name] = state[value.name.replace("past_", "present_")]
-        return feeds
-
-    def _run(self, kind: str, feeds: dict[str, torch.Tensor], trace: bool):
+    def _run(self, kind: str, feeds: dict[str, torch.Tensor], force):
         graph = self.graphs[kind]
-        sizes = check_inputs(graph, feeds)
-        length = sizes.get("S_past", 0) + (sizes["T"] if "T" in sizes else feeds["tokens"].shape[1])
-        if length > self.max_seq_len:
-            raise BindError(f"sequence length {length} exceeds the spec's max_seq_len {self.max_seq_len}")
-        taps = selection_taps(graph) if trace else {}
-        out = execute_checked(graph, self.bound[kind], feeds, self.threads, observe={f"selection.{j}": i for j, i in taps.items()})
-        selections = {j: out.pop(f"selection.{j}").flatten(2) for j in taps}
-        return out.pop("logits"), out, selections
+        sizes = check_feeds(graph, feeds)
+        length = sizes.get("S_past", 0) + feeds["tokens"].shape[1]
+        if length > self.spec.model.max_seq_len:
+            raise InputError(f"sequence length {length} exceeds the spec's max_seq_len {self.spec.model.max_seq_len}")
+        outputs = self.backend.run(kind, feeds, sizes, force)
+        state = {slot.name: outputs[slot.output] for slot in graph.state}
+        return outputs["logits"], state, _taps(graph, outputs)
 
 
-def selection_taps(graph) -> dict[int, int]:
-    """Memory unit index -> id of the value holding its selected grid addresses (B, T, H, m)."""
-    return {int(n.scope.split(".")[0][len("mem"):]): n.outputs[0].id
-            for n in graph.nodes if n.op in ("grid_select", "additive_select")}
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (BuildDirError naming the file if it cannot be read)."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise BuildDirError(f"{path}: cannot read safetensors weights: {exc}") from None
 
 
 def load(build_dir: str | Path, backend: str = "graph", weights: str | Path | Mapping[str, torch.Tensor] | None = None,
          threads: bool = True) -> Session:
-    """Open a build directory with weights: a safetensors file, a state dict, or (default)
-    ``build_dir/weights.safetensors``."""
-    build_dir = Path(build_dir)
+    """Open a build directory with weights: a safetensors file, a state dict, or (default) the build's own
+    ``weights.safetensors`` — used only if the manifest lists it (and its hash matched)."""
+    build = read_build(build_dir)
     if weights is None:
-        weights = build_dir / "weights.safetensors"
-        if not weights.is_file():
-            raise BuildDirError(f"{build_dir}: no weights given and no weights.safetensors in the build")
+        if "weights.safetensors" not in build.manifest["artifacts"]:
+            raise BuildDirError(f"{build.path}: no weights given, and the build's manifest lists no weights.safetensors")
+        weights = build.path / "weights.safetensors"
     if not isinstance(weights, Mapping):
-        weights = load_file(str(weights))
-    return Session(build_dir, weights, backend, threads)
+        weights = load_weights_file(weights)
+    return Session(build, weights, backend, threads)

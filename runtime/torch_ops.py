@@ -1,7 +1,11 @@
 """Torch implementation of every IR op, keyed by op name (the graph backend's registry).
 
-Written independently of ``umc.reference`` (which it must not import): the two are
-compared against each other, so neither may borrow the other's code.
+Written independently of ``umc.reference`` (which it must not import) and of the ops'
+decompositions: the three are compared against each other, so none may borrow another's code.
+Shape-valued attributes arrive evaluated (concrete ints). Selection ops also have a *forced*
+variant: given the chosen indices (e.g. another graph's selection), it returns the outputs the
+op would give had it chosen them, which is how a verifier compares two graphs for the same
+selection.
 """
 
 from __future__ import annotations
@@ -11,15 +15,33 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from umc.dtypes import torch_dtype
+
 TorchImpl = Callable[..., tuple[torch.Tensor, ...]]
+ForcedImpl = Callable[[dict[str, Any], list[torch.Tensor], dict[int, torch.Tensor]], tuple[torch.Tensor, ...]]
 TORCH_IMPLS: dict[str, TorchImpl] = {}
+FORCED_IMPLS: dict[str, ForcedImpl] = {}
 
 
 def impl(name: str):
-    """Register a torch implementation: fn(attrs, *inputs) -> tuple of outputs."""
+    """Register the torch implementation of op ``name``: fn(attrs, *inputs) -> tuple of outputs (once per op)."""
 
     def wrap(fn: TorchImpl) -> TorchImpl:
+        if name in TORCH_IMPLS:
+            raise ValueError(f"op {name} has two torch implementations")
         TORCH_IMPLS[name] = fn
+        return fn
+
+    return wrap
+
+
+def forced(name: str):
+    """Register the forced variant of selection op ``name``: fn(attrs, inputs, {output index: chosen})."""
+
+    def wrap(fn: ForcedImpl) -> ForcedImpl:
+        if name in FORCED_IMPLS:
+            raise ValueError(f"op {name} has two forced implementations")
+        FORCED_IMPLS[name] = fn
         return fn
 
     return wrap
@@ -30,22 +52,71 @@ def one(fn: Callable[..., torch.Tensor]) -> TorchImpl:
     return lambda attrs, *xs: (fn(attrs, *xs),)
 
 
-# ---------------------------------------------------------------- generic
+def accumulate_in_float32(fn: TorchImpl) -> TorchImpl:
+    """Run ``fn`` on float16/bfloat16 inputs upcast to float32 and round each float output once to the input
+    dtype (DESIGN.md §5: scores accumulate in fp32, as the fused kernels do)."""
+
+    def wide(attrs, *xs):
+        low = next((x.dtype for x in xs if x.dtype in (torch.float16, torch.bfloat16)), None)
+        if low is None:
+            return fn(attrs, *xs)
+        outs = fn(attrs, *(x.float() if x.is_floating_point() else x for x in xs))
+        return tuple(o.to(low) if o.is_floating_point() else o for o in outs)
+
+    return wide
+
+
+# ---------------------------------------------------------------- tensor primitives
 
 impl("add")(one(lambda a, x, y: x + y))
 impl("mul")(one(lambda a, x, y: x * y))
-impl("silu")(one(lambda a, x: F.silu(x)))
-impl("gelu")(one(lambda a, x: F.gelu(x)))
+impl("add_scalar")(one(lambda a, x: x + a["value"]))
+impl("mul_scalar")(one(lambda a, x: x * a["value"]))
+impl("floordiv_scalar")(one(lambda a, x: torch.div(x, a["value"], rounding_mode="floor")))
+impl("mod_scalar")(one(lambda a, x: torch.remainder(x, a["value"])))
+impl("rsqrt")(one(lambda a, x: torch.rsqrt(x)))
+impl("sigmoid")(one(lambda a, x: torch.sigmoid(x)))
 impl("relu")(one(lambda a, x: F.relu(x)))
+impl("gelu")(one(lambda a, x: F.gelu(x)))
+impl("silu")(one(lambda a, x: F.silu(x)))
 impl("softmax")(one(lambda a, x: torch.softmax(x, dim=a["axis"])))
+impl("sum")(one(lambda a, x: x.sum(dim=a["axes"], keepdim=a["keepdim"])))
+impl("mean")(one(lambda a, x: x.mean(dim=a["axes"], keepdim=a["keepdim"])))
+impl("reshape")(one(lambda a, x: x.reshape(a["shape"])))
+impl("transpose")(one(lambda a, x: x.permute(a["perm"])))
+impl("expand")(one(lambda a, x: x.expand(a["shape"])))
+impl("slice")(one(lambda a, x: x.narrow(a["axis"], a["start"], a["stop"] - a["start"])))
+impl("concat")(one(lambda a, *xs: torch.cat(xs, dim=a["axis"])))
+impl("cast")(one(lambda a, x: x.to(torch_dtype(a["to"]))))
+impl("matmul")(one(lambda a, x, y: torch.matmul(x, y)))
+impl("gather")(one(lambda a, data, index: data.index_select(a["axis"], index.flatten()).reshape(
+    *data.shape[:a["axis"] % data.dim()], *index.shape, *data.shape[a["axis"] % data.dim() + 1:])))
+impl("take_along")(one(lambda a, data, index: torch.gather(data, a["axis"], index)))
+impl("one_hot")(one(lambda a, index: F.one_hot(index, a["depth"]).to(torch_dtype(a["dtype"]))))
+impl("zeros")(one(lambda a: torch.zeros(a["shape"], dtype=torch_dtype(a["dtype"]))))
 
 
-@impl("reshape")
-def _reshape(attrs, x):
-    """Symbolic target dims (B, T) are x's leading dims, in order."""
-    leading = iter(x.shape)
-    return (x.reshape([d if isinstance(d, int) else next(leading) for d in attrs["shape"]]),)
+@impl("iota")
+def _iota(attrs, *_):
+    shape, axis = attrs["shape"], attrs["axis"] % len(attrs["shape"])
+    steps = torch.arange(shape[axis]).view(*[-1 if i == axis else 1 for i in range(len(shape))])
+    return (steps.expand(shape),)
 
+
+@impl("topm")
+def _topm(attrs, x):
+    values, indices = torch.topk(x, attrs["k"], dim=-1)
+    return values, indices
+
+
+@forced("topm")
+def _topm_forced(attrs, inputs, chosen):
+    (x,), indices = inputs, chosen[1]
+    return torch.take_along_dim(x, indices, dim=-1), indices
+
+
+impl("fork")(one(lambda a, x: x))
+impl("join_add")(one(lambda a, x, y: x + y))
 
 # ---------------------------------------------------------------- dense
 
@@ -133,16 +204,10 @@ def _norm_keys(attrs, keys, w):
 
 
 impl("key_side")(one(lambda a, keys: keys[:, a["side"]]))
-impl("rank_scores")(one(lambda a, q, k: torch.einsum("bthd,hkdr->bthkr", q, k)))
-impl("key_scores")(one(lambda a, q, k: torch.einsum("bthd,hkd->bthk", q, k)))
-impl("coarse_scores")(one(lambda a, s, u: torch.einsum("bthkr,hr->bthk", s, u[0, :, 0])))
+impl("rank_scores")(accumulate_in_float32(one(lambda a, q, k: torch.einsum("...hd,hkdr->...hkr", q, k))))
+impl("key_scores")(accumulate_in_float32(one(lambda a, q, k: torch.einsum("...hd,hkd->...hk", q, k))))
+impl("coarse_scores")(accumulate_in_float32(one(lambda a, s, u: torch.einsum("...hkr,hr->...hk", s, u[0, :, 0]))))
 impl("stack_cores")(one(lambda a, *cores: torch.stack(cores, 1)))
-
-
-@impl("topm")
-def _topm(attrs, x):
-    values, indices = torch.topk(x, attrs["k"], dim=-1)
-    return values, indices
 
 
 @impl("gather_rank_rows")
@@ -150,26 +215,57 @@ def _gather_rank_rows(attrs, s, index):
     return (torch.take_along_dim(s, index.unsqueeze(-1), dim=-2),)
 
 
-impl("tucker_grid")(one(lambda a, rows, cols, cores: torch.einsum("bthir,hcrs,bthjs->bthcij", rows, cores, cols)))
+impl("tucker_grid")(accumulate_in_float32(one(
+    lambda a, rows, cols, cores: torch.einsum("...hir,hcrs,...hjs->...hcij", rows, cores, cols))))
+
+
+def _address(i_row, i_col, winners, m: int, n: int) -> torch.Tensor:
+    return torch.take_along_dim(i_row, winners // m, -1) * n + torch.take_along_dim(i_col, winners % m, -1)
+
+
+def _grid_scores(grid: torch.Tensor, winners: torch.Tensor) -> torch.Tensor:
+    per_core = grid.flatten(-2)  # (...,H,h,m*m)
+    return torch.take_along_dim(per_core, winners.unsqueeze(-2), dim=-1).transpose(-1, -2)
 
 
 @impl("grid_select")
 def _grid_select(attrs, grid, i_row, i_col):
     m = grid.shape[-1]
-    per_core = grid.flatten(-2)  # (B,T,H,h,m*m)
-    winners = torch.topk(per_core.sum(3), m, dim=-1).indices  # (B,T,H,m)
-    scores = torch.take_along_dim(per_core, winners.unsqueeze(3), dim=-1).transpose(-1, -2)
-    address = torch.take_along_dim(i_row, winners // m, -1) * attrs["n"] + torch.take_along_dim(i_col, winners % m, -1)
-    return address, scores
+    winners = torch.topk(grid.flatten(-2).float().sum(-2), m, dim=-1).indices  # (...,H,m), cores summed in fp32
+    return _address(i_row, i_col, winners, m, attrs["n"]), _grid_scores(grid, winners)
+
+
+def _positions(i_row, i_col, address, n: int) -> torch.Tensor:
+    """Where each chosen address sits in the m*m grid over rows i_row x columns i_col (ValueError if absent)."""
+    m = i_row.shape[-1]
+    row_hit = i_row.unsqueeze(-2) == (address // n).unsqueeze(-1)  # (..., chosen, m)
+    col_hit = i_col.unsqueeze(-2) == (address % n).unsqueeze(-1)
+    if not (row_hit.any(-1).all() and col_hit.any(-1).all()):
+        raise ValueError("a forced address is not in the grid of this graph's rows and columns")
+    return row_hit.int().argmax(-1) * m + col_hit.int().argmax(-1)
+
+
+@forced("grid_select")
+def _grid_select_forced(attrs, inputs, chosen):
+    grid, i_row, i_col = inputs
+    address = chosen[0]
+    return address, _grid_scores(grid, _positions(i_row, i_col, address, attrs["n"]))
 
 
 @impl("additive_select")
 def _additive_select(attrs, v_row, i_row, v_col, i_col):
     m = v_row.shape[-1]
-    total = (v_row[..., :, None] + v_col[..., None, :]).flatten(-2)
+    total = (v_row.float()[..., :, None] + v_col.float()[..., None, :]).flatten(-2)
     values, winners = torch.topk(total, m, dim=-1)
-    address = torch.take_along_dim(i_row, winners // m, -1) * attrs["n"] + torch.take_along_dim(i_col, winners % m, -1)
-    return address, values.unsqueeze(-1)
+    return _address(i_row, i_col, winners, m, attrs["n"]), values.to(v_row.dtype).unsqueeze(-1)
+
+
+@forced("additive_select")
+def _additive_select_forced(attrs, inputs, chosen):
+    v_row, i_row, v_col, i_col = inputs
+    address = chosen[0]
+    total = (v_row.float()[..., :, None] + v_col.float()[..., None, :]).flatten(-2).to(v_row.dtype)
+    return address, torch.take_along_dim(total, _positions(i_row, i_col, address, attrs["n"]), -1).unsqueeze(-1)
 
 
 impl("shuffle")(one(lambda a, address, perm: perm[address]))
@@ -187,7 +283,7 @@ impl("gather_values")(one(lambda a, table, rows: table[rows]))
 def _mcs_scale(attrs, rows, scores):
     cores = scores.shape[-1]
     sliced = rows.unflatten(-1, (cores, rows.shape[-1] // cores))
-    return ((sliced * scores.unsqueeze(-1).to(rows.dtype)).flatten(-2),)
+    return ((sliced * scores.unsqueeze(-1)).flatten(-2),)
 
 
 @impl("scatter_blocks")
@@ -208,10 +304,11 @@ impl("fold_rank")(one(lambda a, keys, u: torch.einsum("hkdr,hr->hkd", keys, u[0,
 
 
 @impl("gathered_rank_scores")
+@accumulate_in_float32
 def _gathered_rank_scores(attrs, q, keys, index):
-    heads = torch.arange(keys.shape[0]).view(1, 1, -1, 1)
-    picked = keys[heads, index]  # (B,T,H,m,kd,r)
-    return (torch.einsum("bthd,bthmdr->bthmr", q, picked),)
+    heads = torch.arange(keys.shape[0]).view(*[1] * (index.dim() - 2), -1, 1)
+    picked = keys[heads, index]  # (...,H,m,kd,r)
+    return (torch.einsum("...hd,...hmdr->...hmr", q, picked),)
 
 
 impl("scale_columns")(one(lambda a, w, s: w * s))
@@ -237,19 +334,8 @@ def _gather_pool(attrs, table, row, block, scores):
     # written apart from mcs_scale/scatter_blocks (per-column weights, scatter_add) for the same reason
     batch, steps = row.shape[:2]
     vdim, cores = table.shape[1], scores.shape[-1]
-    weights = scores.to(table.dtype).repeat_interleave(vdim // cores, dim=-1)  # (B,T,H,m,vdim)
+    weights = scores.repeat_interleave(vdim // cores, dim=-1)  # (B,T,H,m,vdim)
     weighted = (table[row] * weights).reshape(batch * steps, -1, vdim)
     pooled = table.new_zeros(batch * steps, attrs["E"], vdim)
     pooled.scatter_add_(1, block.reshape(batch * steps, -1, 1).expand(-1, -1, vdim), weighted)
     return (pooled.reshape(batch, steps, attrs["E"] * vdim),)
-
-
-impl("fork")(one(lambda a, x: x))
-impl("join_add")(one(lambda a, x, y: x + y))
-
-
-def run_op(op: str, attrs: dict[str, Any], inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Execute one op; KeyError names an op without a torch implementation."""
-    if op not in TORCH_IMPLS:
-        raise KeyError(f"op {op!r} has no torch implementation")
-    return TORCH_IMPLS[op](attrs, *inputs)

@@ -3,7 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+# the tests run tiny tensors: intra-op threads only add synchronization (and spin under load)
+torch.set_num_threads(1)
 
 # the same examples on every run: CI must not pass or fail by the luck of a seed
 settings.register_profile("umc", derandomize=True)

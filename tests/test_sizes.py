@@ -1,6 +1,7 @@
 """Parameter counts and FLOPs: the released configs against the authors' figures, and the
 shape arithmetic of umc.cost against the modules the eager reference actually builds."""
 
+import functools
 import subprocess
 import sys
 
@@ -55,3 +56,91 @@ def test_tiny_model_forward_shapes(tiny_spec):
     with torch.no_grad():
         logits, _ = model(torch.zeros(2, 3, dtype=torch.long))
     assert logits.shape == (2, 3, tiny_spec.model.vocab_size)
+
+
+# ---------------------------------------------------------------- memory a run needs (umc.cost.memory_needs)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@functools.cache
+def eager(spec_name: str):
+    """A shipped small spec and its eager model, built once for the tests below."""
+    spec = load_spec(SPECS / f"{spec_name}.yaml")
+    return spec, build_model(spec)
+
+
+@pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: str(p.relative_to(SPECS)))
+def test_weight_bytes_are_what_the_model_holds(path):
+    from umc.cost import memory_needs
+
+    spec = load_spec(path)
+    model = build_model(spec, device="meta")
+    needs = memory_needs(spec)
+    assert needs.weight_bytes == tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    assert needs.value_table_bytes == tensor_bytes(m.values_for_look_up for m in model.memories)
+    assert needs.shuffle_bytes == tensor_bytes(m.shuffle_index for m in model.memories if hasattr(m, "shuffle_index"))
+
+
+@pytest.mark.parametrize("spec_name", ["ultramem-tiny", "pkm-tiny"])
+@pytest.mark.parametrize("batch, seq_len", [(1, 7), (3, 5)])
+def test_kv_cache_bytes_are_the_states_tensors(spec_name, batch, seq_len):
+    from umc.cost import memory_needs
+
+    spec, model = eager(spec_name)
+    with torch.no_grad():
+        _, state = model(torch.zeros(batch, seq_len, dtype=torch.long))
+    assert memory_needs(spec, batch, seq_len).kv_cache_bytes == tensor_bytes(t for kv in state.kv for t in kv)
+
+
+def largest_tensor_made(run) -> int:
+    """Bytes of the largest storage any op allocates while ``run()`` runs (views of their inputs are no allocation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    Largest.largest = max(Largest.largest, t.untyped_storage().nbytes())
+            return out
+
+    with Largest():
+        run()
+    return Largest.largest
+
+
+@pytest.mark.parametrize("spec_name", ["ultramem-tiny", "pkm-tiny"])
+def test_working_set_covers_the_largest_tensor_of_a_real_step(spec_name):
+    from umc.cost import memory_needs
+
+    spec, model = eager(spec_name)
+    batch, seq_len = 2, 32
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+    needs = memory_needs(spec, batch, seq_len)
+    with torch.no_grad():
+        prefill = largest_tensor_made(lambda: model(tokens))
+        _, state = model(tokens[:, :-1])
+        decode = largest_tensor_made(lambda: model(tokens[:, -1:], state))
+    assert prefill <= needs.prefill_bytes <= 8 * prefill
+    assert decode <= needs.decode_bytes <= 8 * decode
+    assert needs.decode_bytes < needs.prefill_bytes
+
+
+def test_memory_needs_scale_with_batch_and_length(tiny_spec):
+    from umc.cost import memory_needs
+
+    one, four = memory_needs(tiny_spec, 1, 64), memory_needs(tiny_spec, 4, 64)
+    assert four.weight_bytes == one.weight_bytes
+    assert four.kv_cache_bytes == 4 * one.kv_cache_bytes
+    for step in ("prefill_bytes", "decode_bytes"):  # activations grow with the batch, the normalized keys do not
+        assert getattr(one, step) < getattr(four, step) <= 4 * getattr(one, step)
+    assert memory_needs(tiny_spec).seq_len == tiny_spec.model.max_seq_len == 256
+    with pytest.raises(ValueError, match="max_seq_len 256"):
+        memory_needs(tiny_spec, 1, 257)

@@ -8,13 +8,17 @@ from the text itself.
 from __future__ import annotations
 
 import json
+import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from umc.cli import main
-from umc.spec import Spec, SpecError, load_spec, parse_spec, spec_from_dict
+from umc.cost import memory_needs
+from umc.spec import MAX_SPEC_BYTES, Spec, SpecError, load_spec, parse_spec, spec_from_dict
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -357,7 +361,61 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_instead_of_a_file(tmp_path):
-    expect_error(tmp_path, None, "", "cannot read the file")
+    expect_error(tmp_path, None, "", "cannot read the file: it is a directory", "(allowed: a regular UTF-8 YAML file of at most 1 MiB)")
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail (instead of hanging the suite) if the block takes longer than ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    with within(5):
+        expect_error(fifo, None, "", "cannot read the file: it is a FIFO", "(allowed: a regular UTF-8 YAML file")
+
+
+def test_endless_device_is_refused_without_reading_it():
+    with within(5):
+        expect_error(Path("/dev/zero"), None, "", "cannot read the file: it is a character device")
+
+
+@pytest.mark.parametrize("size, sparse", [(MAX_SPEC_BYTES + 1, False), (10 * 2**30, True)])
+def test_file_over_one_mib_is_refused(tmp_path, size, sparse):
+    path = tmp_path / "big.yaml"
+    with open(path, "wb") as file:
+        if sparse:  # 10 GiB on disk as a hole: only the first MiB + 1 byte may be read
+            file.truncate(size)
+        else:
+            file.write(TINY.encode() + b"#" * (size - len(TINY.encode())))
+    with within(5):
+        expect_error(path, None, "", "cannot read the file: it is larger than 1 MiB (1048576 bytes)")
+
+
+def test_the_cap_itself_is_allowed(tmp_path, monkeypatch):
+    monkeypatch.setattr("umc.spec.MAX_SPEC_BYTES", len(TINY.encode()) + 10)  # parsing a whole MiB of YAML takes seconds
+    path = tmp_path / "padded.yaml"
+    path.write_bytes(TINY.encode() + b"#" * 10)
+    assert load_spec(path).name == "ultramem-tiny"
+    path.write_bytes(TINY.encode() + b"#" * 11)
+    expect_error(path, None, "", "cannot read the file: it is larger than")
+
+
+def test_crlf_file_keeps_its_line_numbers(tmp_path):
+    path = tmp_path / "crlf.yaml"
+    path.write_bytes(TINY.replace("  n_heads: 4", "  n_heads: 5").replace("\n", "\r\n").encode())
+    expect_error(path, 8, "model.n_heads", "5 heads do not divide d_model 64")
 
 
 def test_file_that_is_not_utf8(tmp_path):
@@ -399,6 +457,46 @@ def test_values_yaml_cannot_build(tmp_path, line, old, new):
     expect_error(write(tmp_path, (line, old, new)), line, "", "unsupported YAML value")
 
 
+@pytest.mark.parametrize("line, old, new, key, fragment", [
+    (6, "  d_model: 64", "  d_model: 1:04", "model.d_model", "1:04 is a YAML 1.1 base-60 number (64)"),
+    (6, "  d_model: 64", "  d_model: 0x40", "model.d_model", "0x40 is a hexadecimal number (64)"),
+    (6, "  d_model: 64", "  d_model: 0100", "model.d_model", "0100 is an octal number (64)"),
+    (6, "  d_model: 64", "  d_model: !!int 0o100", "model.d_model", "0o100 is an octal number (64)"),
+    (6, "  d_model: 64", "  d_model: 0b1000000", "model.d_model", "0b1000000 is a binary number (64)"),
+    (5, "  vocab_size: 512", "  vocab_size: 1_024", "model.vocab_size", "1_024 is a number with underscores (1024)"),
+    (5, "  vocab_size: 512", "  vocab_size: +0x200", "model.vocab_size", "+0x200 is a hexadecimal number (512)"),
+    (3, "seed: 0", "seed: 00", "seed", "00 is an octal number (0)"),
+    (3, "seed: 0", "seed: 1:00:00", "seed", "1:00:00 is a YAML 1.1 base-60 number (3600)"),
+    (29, "  query_conv: 3", "  query_conv: 0x3", "memory.query_conv", "0x3 is a hexadecimal number (3)"),
+    (20, "  knum: 8", "  knum: !!int \"0x8\"", "memory.knum", "0x8 is a hexadecimal number (8)"),
+])
+def test_integers_must_be_plain_decimal(tmp_path, line, old, new, key, fragment):
+    err = expect_error(write(tmp_path, (line, old, new)), line, key, fragment, "write integers in plain decimal", "(allowed: ")
+    assert "below 2**63" in str(err)
+
+
+def test_yaml_1_2_octal_string_says_to_write_decimal(tmp_path):
+    path = write(tmp_path, (6, "  d_model: 64", "  d_model: 0o100"))  # YAML 1.1 reads this as a string
+    expect_error(path, 6, "model.d_model", "got the string '0o100' (YAML 1.1 has no 0o octal numbers)",
+                 "write integers in plain decimal (allowed: a positive integer below 2**63)")
+
+
+def test_non_decimal_integer_behind_an_alias_is_refused_where_it_is_used(tmp_path):
+    path = write(tmp_path, (8, "  n_heads: 4", "  n_heads: &h 0x4"), (9, "  n_kv_heads: 2", "  n_kv_heads: *h"))
+    expect_error(path, 8, "model.n_heads", "0x4 is a hexadecimal number (4)")
+
+
+@pytest.mark.parametrize("line, old, new", [
+    (6, "  d_model: 64", "  d_model: +64"),
+    (3, "seed: 0", "seed: -0"),
+    (6, "  d_model: 64", '  d_model: !!int "64"'),
+    (13, "  norm_eps: 1.0e-5", "  norm_eps: 1e-5"),
+    (14, "  rope_theta: 10000.0", "  rope_theta: 10000"),
+])
+def test_plain_decimal_and_floats_are_accepted(tmp_path, line, old, new):
+    assert load_spec(write(tmp_path, (line, old, new))).model.d_model == 64
+
+
 def test_huge_integer_norm_eps(tmp_path):
     path = write(tmp_path, (13, "  norm_eps: 1.0e-5", "  norm_eps: 1" + "0" * 400))
     expect_error(path, 13, "model.norm_eps", "is not allowed (allowed: a finite number > 0)")
@@ -422,6 +520,85 @@ def test_float_without_a_dot_is_accepted(tmp_path, section, line, old, new):
 def test_rope_theta_without_a_dot_is_accepted(tmp_path):
     spec = load_spec(write(tmp_path, (14, "  rope_theta: 10000.0", "  rope_theta: 5e5")))
     assert spec.model.rope_theta == 500000.0
+
+
+# ---------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("new, fragment", [
+    ('name: "two\\nlines"', "'two\\nlines' holds a control character (U+000A at position 3)"),
+    ("name: |\n  two\n  lines", "holds a control character (U+000A at position 3)"),
+    ('name: "carriage\\rreturn"', "holds a control character (U+000D at position 8)"),
+    ('name: "\\e[31mred"', "'\\x1b[31mred' holds a control character (U+001B at position 0)"),
+    ('name: "tab\\there"', "holds a control character (U+0009 at position 3)"),
+    ('name: "zero\\u200bwidth"', "holds a format character (U+200B at position 4)"),
+    ('name: "right\\u202eto-left"', "holds a format character (U+202E at position 5)"),
+    ('name: "line\\Lsep"', "holds a line separator (U+2028 at position 4)"),
+    ("name: " + "n" * 201, "a name of 201 characters is too long"),
+])
+def test_name_must_be_printable_text(tmp_path, new, fragment):
+    path = write(tmp_path, (1, "name: ultramem-tiny", new))
+    err = expect_error(path, 1, "name", fragment, "(allowed: printable text of at most 200 characters)")
+    assert "\x1b" not in str(err) and "\r" not in str(err)
+
+
+@pytest.mark.parametrize("name", ["n" * 200, "ultramem v1 (227M)", "модель-ü 模型", "a | b *c* `d`"])
+def test_printable_names_are_accepted(tmp_path, name):
+    assert load_spec(write(tmp_path, (1, "name: ultramem-tiny", f"name: {json.dumps(name)}"))).name == name
+
+
+def test_name_from_a_dict_is_checked_too():
+    data = load_spec(SPECS / "ultramem-tiny.yaml").to_dict()
+    data["name"] = "build\n# forged heading"
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, source="spec.json")
+    assert str(info.value).startswith("spec.json: name: 'build\\n# forged heading' holds a control character (U+000A")
+
+
+def test_file_name_standing_in_for_a_name_is_checked(tmp_path):
+    path = write(tmp_path, (1, "name: ultramem-tiny", ""), name="red\x1b[31m.yaml")
+    expect_error(path, 1, "name", "no name given, and the file name cannot stand in for one", "U+001B", "add a name key")
+
+
+# ---------------------------------------------------------------- sizes that cannot run
+
+
+@pytest.mark.parametrize("line, old, new, key, fragments", [
+    (20, "  knum: 8", "  knum: 1000000000", "memory.knum",
+     ("1000000000 is too large: the weights would be 6.4e+19 parameters, more than int64 holds (9.22e+18)",)),
+    (5, "  vocab_size: 512", "  vocab_size: 1000000000000", "model.vocab_size",
+     ("the logits (tokens x vocab_size) of a max_seq_len forward would be 1.02e+15 bytes, more than 1 PB",)),
+    (7, "  n_layers: 4", "  n_layers: 1000000000000000", "model.n_layers", ("the weights would be", "parameters, more than int64 holds")),
+    (15, "  max_seq_len: 256", "  max_seq_len: 100000000", "model.max_seq_len",
+     ("the attention scores (n_heads x tokens x context) of a max_seq_len forward would be 1.6e+17 bytes, more than 1 PB",)),
+    (22, "  vdim: 32", "  vdim: 10000000000000", "memory.vdim", ("the weights would be",)),
+])
+def test_sizes_that_cannot_run(tmp_path, line, old, new, key, fragments):
+    expect_error(write(tmp_path, (line, old, new)), line, key, *fragments,
+                 "(allowed: sizes whose weights, KV cache and batch-1 tensors at max_seq_len stay within int64 elements and 1 PB)")
+
+
+def test_grids_too_large_blame_topm(tmp_path):
+    # the weights stay under 1 PB (2 units x 10**12 rows x 32 floats = 256 TB), but one max_seq_len
+    # forward would build 256 tokens x 2 heads x 2 cores x (2 * 10**6)**2 grid entries (16 PB in float32)
+    path = write(tmp_path, (20, "  knum: 8", "  knum: 1000000"), (23, "  topm: 6", "  topm: 2000000"))
+    expect_error(path, 23, "memory.topm", "2000000 is too large: the memory grids (tokens x heads x cores x topm x topm)",
+                 "more than 1 PB")
+
+
+def test_size_rule_applies_to_dicts_and_names_a_defaulted_field():
+    data = load_spec(SPECS / "ultramem-tiny.yaml").to_dict()
+    del data["model"]["max_seq_len"]  # default 2048
+    data["model"]["vocab_size"] = 10**12
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, source="spec.json")
+    assert (info.value.line, info.value.key) == (None, "model.vocab_size")
+    assert "8.19e+15 bytes, more than 1 PB" in str(info.value)
+
+
+def test_largest_shipped_spec_is_within_the_size_rule():
+    spec = load_spec(SPECS / "ultramem-1.6b-x12.yaml")
+    assert memory_needs(spec).weight_bytes < 50 * 10**9
 
 
 def test_spec_from_dict_errors_have_no_line():
@@ -472,13 +649,24 @@ def test_cli_check_json_on_a_valid_spec():
     result = CliRunner().invoke(main, ["check", "--json", str(SPECS / "ultramem-tiny.yaml")])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"spec", "cost"}
+    assert set(data) == {"spec", "cost", "memory"}
     assert set(data["spec"]) == {"name", "dtype", "seed", "model", "memory"}
     assert data["spec"]["name"] == "ultramem-tiny"
     assert data["spec"]["memory"]["units"] == ["0:1", "2:3"]
     assert data["spec"]["model"]["n_kv_heads"] == 2
     assert {"params_total", "flops_per_token", "units"} <= set(data["cost"])
     assert len(data["cost"]["units"]) == 2
+    needs = memory_needs(load_spec(SPECS / "ultramem-tiny.yaml"))
+    assert data["memory"] == {**needs.__dict__, "weight_bytes": needs.weight_bytes}
+    assert data["memory"]["kv_cache_bytes"] == 2 * 4 * 2 * 256 * 16 * 4  # K and V, 4 blocks, 2 kv heads, 256 x 16, f32
+
+
+def test_cli_check_prints_the_memory_a_run_needs():
+    result = CliRunner().invoke(main, ["check", str(SPECS / "ultramem-1.6b-x12.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "43.5 GB  weights (dense 3.5 GB, value tables 39.4 GB, shuffle indices 615.2 MB)" in result.stdout
+    assert "553.6 MB  KV cache at max_seq_len 2048, batch 1" in result.stdout
+    assert "working set of a 2048-token prefill (" in result.stdout
 
 
 SHIPPED = sorted(SPECS.rglob("*.yaml"))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ SHIPPED_DATA = [yaml.safe_load(t) for t in SHIPPED_TEXT]
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 INT64_MAX = 2**63 - 1
+PETABYTE = 10**15
 
 FIELD_NAMES = sorted({k for d in SHIPPED_DATA for k in d} | {k for d in SHIPPED_DATA for s in ("model", "memory") for k in d[s]})
 CHOICES = ["float32", "float16", "bfloat16", "swiglu", "gelu", "rmsnorm", "layernorm", "ultramem", "pkm",
@@ -59,7 +62,8 @@ def check_invariants(spec: Spec) -> None:
     """The spec rules, recomputed from the fields (not from MemorySpec's properties)."""
     model, mem = spec.model, spec.memory
     assert spec.dtype in DTYPES
-    assert isinstance(spec.name, str) and spec.name.strip()
+    assert isinstance(spec.name, str) and spec.name.strip() and len(spec.name) <= 200
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in spec.name)
     sizes = [spec.seed, model.vocab_size, model.d_model, model.n_layers, model.n_heads, model.n_kv_heads, model.ffn_hidden,
              model.max_seq_len, mem.knum, mem.kdim, mem.vdim, mem.topm, mem.heads, mem.tucker_rank, mem.cores, mem.value_expansion]
     if mem.query_conv is not None:
@@ -82,6 +86,12 @@ def check_invariants(spec: Spec) -> None:
         assert mem.kdim % 2 == 0 and mem.tucker_rank == 1 and mem.cores == 1
     if not mem.output_projection:
         assert mem.vdim == model.d_model and mem.value_expansion == 1
+    # a few of the sizes a run allocates (batch 1, max_seq_len), bounded by 1 PB in the spec's dtype
+    itemsize = 4 if spec.dtype == "float32" else 2
+    tokens, n = model.max_seq_len, root * mem.knum
+    for elements in (len(mem.units) * mem.knum ** 2 * mem.vdim, model.vocab_size * model.d_model, tokens * model.vocab_size,
+                     model.n_heads * tokens * tokens, tokens * mem.heads * mem.cores * mem.topm ** 2, tokens * mem.heads * n):
+        assert elements * itemsize <= PETABYTE
     # what comes out goes back in unchanged
     assert spec_from_dict(spec.to_dict()) == dataclasses.replace(spec, source="<dict>")
 
@@ -116,6 +126,8 @@ def test_random_text(text):
 @example("!!float")
 @example("a: !!timestamp x")
 @example("*a" + "9" * 5000)  # found by this test: PyYAML quotes the undefined alias in full
+@example("model: {d_model: 0x40}\nmemory: {knum: 1:04}")
+@example('name: "a\\e[31m"\nmodel: {}')
 def test_random_yaml_ish_text(text):
     parse(text)
 
@@ -146,6 +158,36 @@ def test_random_line_edits_of_shipped_specs(data):
         else:
             lines[at] = data.draw(st.sampled_from(["\t", " ", "   "])) + lines[at]
     parse("\n".join(lines) + "\n")
+
+
+INT_LINE = re.compile(r"^(\s*)(\w+): ([0-9]+)\s*(#.*)?$")  # in the shipped specs, every such line is an integer field
+NOTATIONS = [  # YAML 1.1 spellings of n other than plain decimal; None where n has none
+    lambda n: hex(n),
+    lambda n: bin(n),
+    lambda n: "0" + oct(n)[2:],
+    lambda n: f"{n // 60}:{n % 60:02d}" if n >= 60 else None,
+    lambda n: f"{str(n)[0]}_{str(n)[1:]}" if n >= 10 else None,
+]
+
+
+@FUZZ
+@given(st.data())
+def test_integer_fields_in_other_notations_are_refused(data):
+    """Rewrite one integer field of a shipped spec as the same number in another notation: always refused, at that key."""
+    index = data.draw(st.integers(0, len(SHIPPED_TEXT) - 1))
+    lines = SHIPPED_TEXT[index].splitlines()
+    candidates = [i for i, line in enumerate(lines) if INT_LINE.match(line)]
+    at = data.draw(st.sampled_from(candidates))
+    indent, key, digits, _ = INT_LINE.match(lines[at]).groups()
+    written = data.draw(st.sampled_from(NOTATIONS))(int(digits))
+    if written is None:
+        return
+    lines[at] = f"{indent}{key}: {written}"
+    result = parse("\n".join(lines) + "\n")
+    assert isinstance(result, SpecError), written
+    section = next(line[:-1] for line in reversed(lines[:at]) if re.fullmatch(r"\w+:", line)) if indent else ""
+    assert (result.line, result.key) == (at + 1, f"{section}.{key}" if indent else key), str(result)
+    assert f"{written} is " in str(result) and "write integers in plain decimal" in str(result)
 
 
 # ---------------------------------------------------------------- (b) mutations of valid specs

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
+import traceback
 from functools import wraps
+from pathlib import Path
 
 import click
 
-from umc.cost import SpecCost, spec_cost
-from umc.spec import SpecError, load_spec
+from umc.cost import MemoryNeeds, SpecCost, memory_needs, spec_cost
+from umc.fsutil import check_new_file, safetensors_metadata, write_new_file
+from umc.resources import require_memory
+from umc.spec import INT_MAX, SpecError, load_spec
 
 # whole-model logits tolerance for decode-vs-prefill, relative to max |logit| (DESIGN.md §7)
 DECODE_TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 5e-2}
@@ -24,31 +30,64 @@ def human(count: float) -> str:
     return f"{count:g}"
 
 
+def _user_error_types() -> tuple[type, ...]:
+    """The exceptions that mean a user mistake (exit 2), imported only when a command has failed."""
+    from safetensors import SafetensorError
+
+    from umc.compiler import BuildError
+    from umc.manifest import BuildDirError
+    from umc.reference.weights import WeightsError
+    from umc.resources import ResourceError
+    from umc.runtime.backends import BackendError
+    from umc.runtime.checks import BindError, InputError
+    from umc.verify import VerifyError
+
+    return (SpecError, WeightsError, BuildError, BuildDirError, BindError, InputError, BackendError, ResourceError,
+            VerifyError, SafetensorError, OSError)
+
+
+def _internal_error(exc: BaseException) -> None:
+    """Report a bug in umc: one line, the traceback written to a file (and printed with UMC_DEBUG=1)."""
+    trace = traceback.format_exc()
+    path = Path(tempfile.gettempdir()) / f"umc-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        path.write_text(trace, encoding="utf-8")
+        where = f"traceback in {path}"
+    except OSError:
+        where = "the traceback could not be written; run with UMC_DEBUG=1 to see it"
+    if os.environ.get("UMC_DEBUG") == "1":
+        click.echo(trace, err=True)
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    click.echo(f"internal error (a bug in umc): {type(exc).__name__}: {first}; {where}", err=True)
+
+
 def user_errors(command):
-    """Turn user mistakes (bad spec, weights, build directory, option) into exit code 2 and one line on stderr."""
+    """Exit codes scripts can rely on: 0 success, 1 a verification mismatch (the command exits 1 itself),
+    2 a user mistake (one line on stderr, no traceback), 3 an internal error (one line, traceback in a file)."""
 
     @wraps(command)
     def run(*args, **kwargs):
-        from safetensors import SafetensorError
-
-        from umc.compiler import BuildError
-        from umc.reference.weights import WeightsError
-        from umc.runtime import BuildDirError
-        from umc.runtime.graph_backend import BindError
-        from umc.verify import VerifyError
-
         try:
             return command(*args, **kwargs)
-        except (SpecError, WeightsError, BuildError, BuildDirError, BindError, VerifyError, SafetensorError,
-                OSError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - every failure gets its exit code
+            if isinstance(exc, _user_error_types()):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            _internal_error(exc)
+            sys.exit(3)
 
     return run
 
 
-def format_cost(cost: SpecCost) -> str:
-    """Human-readable summary of a spec's size and per-token work."""
+def format_cost(cost: SpecCost, needs: MemoryNeeds) -> str:
+    """Human-readable summary of a spec's size, per-token work and the memory one sequence needs."""
+    from umc.resources import format_bytes
+
     lines = [
         f"{cost.name} ({cost.dtype})",
         f"  parameters      {human(cost.params_total):>9}  total",
@@ -56,6 +95,11 @@ def format_cost(cost: SpecCost) -> str:
         f"                  {human(cost.params_values):>9}  value tables",
         f"  FLOPs/token     {human(cost.flops_per_token):>9}  (+{human(cost.attention_flops_per_context_token)} per context token for attention)",
         f"  value bytes/token {human(cost.value_bytes_per_token):>7}  (value rows read, batch 1)",
+        f"  memory          {format_bytes(needs.weight_bytes):>9}  weights (dense {format_bytes(needs.dense_weight_bytes)}, "
+        f"value tables {format_bytes(needs.value_table_bytes)}, shuffle indices {format_bytes(needs.shuffle_bytes)})",
+        f"                  {format_bytes(needs.kv_cache_bytes):>9}  KV cache at max_seq_len {needs.seq_len}, batch {needs.batch}",
+        f"                  {format_bytes(needs.prefill_bytes):>9}  working set of a {needs.seq_len}-token prefill "
+        f"({format_bytes(needs.decode_bytes)} per decode step)",
         f"  memory units    {len(cost.units)}",
         "    unit     physical   virtual   dense    values  FLOPs/token  row bytes/token",
     ]
@@ -76,28 +120,41 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def check(spec_path: str, as_json: bool):
-    """Validate a spec; print parameters, FLOPs, value bytes.
+    """Validate a spec; print parameters, FLOPs, value bytes, and the memory a run needs.
 
     Exit 0 on a valid spec; exit 2 with the problem (file, line, key) on an invalid one.
     """
     spec = load_spec(spec_path)
-    cost = spec_cost(spec)
+    cost, needs = spec_cost(spec), memory_needs(spec)
     if as_json:
-        click.echo(json.dumps({"spec": spec.to_dict(), "cost": cost.to_dict()}, indent=2))
+        click.echo(json.dumps({"spec": spec.to_dict(), "cost": cost.to_dict(), "memory": needs.to_dict()}, indent=2))
     else:
-        click.echo(format_cost(cost))
+        click.echo(format_cost(cost, needs))
+
+
+WEIGHTS_FILE = "a umc weights file"
+
+
+def is_umc_weights_file(path: Path) -> bool:
+    """True for a safetensors file umc wrote (its metadata format is umc's): the only kind of file
+    ``eager --save-weights --force`` may replace. Unreadable files are not umc's."""
+    from umc.reference.weights import FORMAT
+
+    return (safetensors_metadata(path) or {}).get("format") == FORMAT
 
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option("--seed", type=int, default=None, help="Weight seed (default: the spec's).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Load weights from a safetensors file.")
-@click.option("--save-weights", type=click.Path(dir_okay=False), default=None, help="Write the model's weights here.")
+@click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
+              help="Write the model's weights here (a new file; see --force).")
+@click.option("--force", is_flag=True, help="Let --save-weights replace a weights file umc wrote (never any other file).")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--prompt", type=click.IntRange(1), default=8, show_default=True, help="Prompt length.")
 @click.option("--steps", type=click.IntRange(0), default=8, show_default=True, help="Decode steps after the prompt.")
 @user_errors
-def eager(spec_path, seed, weights, save_weights, batch, prompt, steps):
+def eager(spec_path, seed, weights, save_weights, force, batch, prompt, steps):
     """Run the eager reference model on random tokens.
 
     Prefill a prompt, decode token by token, and check the logits against one
@@ -109,19 +166,21 @@ def eager(spec_path, seed, weights, save_weights, batch, prompt, steps):
     from umc.reference import save_weights as write_weights
 
     spec = load_spec(spec_path)
+    if save_weights:
+        check_new_file(Path(save_weights), force=force, replaceable=is_umc_weights_file, what=WEIGHTS_FILE)
     total = prompt + steps
     if total > spec.model.max_seq_len:
         raise SpecError(spec_path, None, "model.max_seq_len", f"prompt + steps = {total} exceeds {spec.model.max_seq_len}")
-    try:
-        model = build_model(spec, seed=seed)
-    except (RuntimeError, MemoryError) as exc:
-        size = spec_cost(spec).params_total
-        raise SpecError(spec_path, None, "", f"cannot build the eager model ({human(size)} parameters): "
-                        f"{str(exc).splitlines()[0][:200]}") from None
+    needs = memory_needs(spec, batch=batch, seq_len=total)
+    require_memory(needs.weight_bytes + 2 * needs.kv_cache_bytes + needs.prefill_bytes, f"umc eager {spec.name}",
+                   parts={"weights": needs.weight_bytes, "KV cache (twice)": 2 * needs.kv_cache_bytes,
+                          "working set": needs.prefill_bytes})
+    model = build_model(spec, seed=seed)
     if weights:
         load_weights(model, weights)
     if save_weights:
-        write_weights(model, save_weights)
+        write_new_file(Path(save_weights), lambda tmp: write_weights(model, tmp), force=force,
+                       replaceable=is_umc_weights_file, what=WEIGHTS_FILE)
     tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         started = time.perf_counter()
@@ -136,13 +195,15 @@ def eager(spec_path, seed, weights, save_weights, batch, prompt, steps):
         decode_s = time.perf_counter() - started
     error = (torch.cat(pieces, dim=1) - full).abs().max().item()
     scale = full.abs().max().item()
+    if not torch.isfinite(full).all():
+        error = float("nan")
     limit = DECODE_TOLERANCE[spec.dtype] * max(scale, 1.0)
     params = sum(p.numel() for p in model.parameters())
     click.echo(f"{spec.name}: {human(params)} parameters, batch {batch}, prompt {prompt}, {steps} decode steps")
     click.echo(f"  full forward {full_s * 1e3:.1f} ms; prefill + decode {decode_s * 1e3:.1f} ms")
     click.echo(f"  decode vs full-sequence logits: max abs error {error:.3e} (max |logit| {scale:.3f}, limit {limit:.1e})")
-    if error > limit:
-        click.echo("FAIL: decoding does not reproduce the full-sequence forward", err=True)
+    if not error <= limit:  # NaN (non-finite logits) never passes
+        click.echo("FAIL: decoding does not reproduce the full-sequence forward (or the logits are not finite)", err=True)
         sys.exit(1)
     click.echo("OK")
 
@@ -158,13 +219,23 @@ def print_checks(checks) -> bool:
 
 
 def _pass_list(value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
+    """--passes: None (the whole pipeline), "none" (no passes), or comma-separated names; empty is a mistake."""
+    if value is None:
+        return None
+    if value.strip() == "none":
+        return ()
+    names = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not names:
+        raise click.BadParameter("is empty (allowed: comma-separated pass names, or none for an unoptimized build)",
+                                 param_hint="--passes")
+    return names
 
 
 @main.command(name="compile")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Build directory.")
-@click.option("--passes", default=None, help="Comma-separated passes to run, in order (default: the whole pipeline).")
+@click.option("--passes", default=None,
+              help="Comma-separated passes to run, in order (default: the whole pipeline; none: no passes).")
 @click.option("--disable-pass", "disabled", multiple=True, help="Leave out a pass (repeatable).")
 @click.option("--dump-after", default=None, help="Write IR text after this pass only, besides the initial and final IR (default: all).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
@@ -186,26 +257,49 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, f
                    f"decode FLOPs/token {human(final['initial']['flops'])} -> {human(final['final']['flops'])}")
 
 
+def _indices(text: str | None, name: str) -> tuple[int, ...] | str | None:
+    """--units/--blocks: comma-separated indices, or 'all'."""
+    if text is None or text.strip() == "all":
+        return text and "all"
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of indices (allowed: e.g. 0,2 or all)", param_hint=name) from None
+
+
+BACKEND_HELP = "Backend to run the build on (default graph; see umc.runtime.list_backends())."
+
+
 @main.command()
 @click.argument("build_dir", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--backend", type=click.Choice(["graph"]), default="graph", show_default=True)
-@click.option("--seed", type=int, default=None, help="Weight and token seed (default: the spec's).")
+@click.option("--backend", default="graph", show_default=True, help=BACKEND_HELP)
+@click.option("--seed", type=click.IntRange(0, INT_MAX), default=None, help="Weight and token seed (default: the spec's).")
 @click.option("--steps", type=click.IntRange(0), default=8, show_default=True, help="Decode steps after the prompt.")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--prompt", type=click.IntRange(1), default=8, show_default=True, help="Prompt length.")
+@click.option("--units", default=None, help="Verify these memory units alone, one at a time (e.g. 0,2 or all).")
+@click.option("--blocks", default=None, help="Verify these blocks alone, one at a time (e.g. 0,1 or all).")
 @user_errors
-def verify(build_dir, backend, seed, steps, batch, prompt):
+def verify(build_dir, backend, seed, steps, batch, prompt, units, blocks):
     """Check a build against the eager reference.
 
     Builds the eager model with SEED (or the build's weights.safetensors), runs a prompt and
     STEPS decode steps through both with the build's memory selections forced on the eager
-    side (each checked to differ from eager's own only at rounding-level ties), and compares
-    logits, KV cache and query-conv state at every step within the dtype's tolerance. Exit 1
-    on a mismatch.
+    side, checks each selection stage-wise (rows, columns, grid: a top-m of float64 scores up
+    to the measured rounding), the per-core scores, logits, KV cache and query-conv state at
+    every step within the dtype's tolerance. A model too big to hold is refused up front;
+    --units/--blocks then verify it a slice at a time. Exit 1 on a mismatch.
     """
-    from umc.verify import verify_build
+    from umc.verify import build_warnings, verify_build, verify_slices
 
-    checks = verify_build(build_dir, backend=backend, seed=seed, steps=steps, batch=batch, prompt=prompt)
+    unit_list, block_list = _indices(units, "--units"), _indices(blocks, "--blocks")
+    if unit_list is None and block_list is None:
+        checks = verify_build(build_dir, backend=backend, seed=seed, steps=steps, batch=batch, prompt=prompt)
+    else:
+        checks = verify_slices(build_dir, unit_list or (), block_list or (), backend=backend, seed=seed, steps=steps,
+                               batch=batch, prompt=prompt)
+    for warning in build_warnings(build_dir):
+        click.echo(f"warning: {warning}", err=True)
     if not print_checks(checks):
         click.echo("FAIL: the build does not match the eager reference", err=True)
         sys.exit(1)
@@ -214,7 +308,7 @@ def verify(build_dir, backend, seed, steps, batch, prompt):
 
 @main.command(name="verify-golden")
 @click.argument("files", metavar="FILE.safetensors...", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["graph"]), default="graph", show_default=True)
+@click.option("--backend", default="graph", show_default=True, help=BACKEND_HELP)
 @user_errors
 def verify_golden_command(files, backend):
     """Check compiled memory layers against golden files.

@@ -27,7 +27,9 @@ from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
 from umc.ir.view import to_dot
 from umc.lower import lower
-from umc.manifest import BuildDirError, file_sha256, read_manifest
+from umc.dtypes import BY_IR
+from umc.fsutil import exclusive_lock, rename_noreplace
+from umc.manifest import BUILD_FORMAT, BuildDirError, file_sha256, parse_manifest, present_files, unlisted_files
 from umc.passes import PIPELINE, PASSES, PassResult, apply_pass
 from umc.report import BATCHES, decode_cost, node_count
 from umc.spec import Spec, load_spec
@@ -54,12 +56,20 @@ def spec_digest(spec: Spec) -> str:
 
 
 def select_passes(passes: tuple[str, ...] | None, disabled: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The pipeline with ``passes`` (default: all, in order) minus ``disabled``; unknown names are errors."""
+    """The pipeline with ``passes`` (default: all, in order; ``()`` for an unoptimized build) minus ``disabled``.
+
+    Unknown names are errors, and so is disabling every pass that was asked for: an empty pipeline is
+    chosen explicitly (``passes=()``, ``--passes none``), never by accident.
+    """
     chosen = tuple(passes) if passes is not None else PIPELINE
     for name in (*chosen, *disabled):
         if name not in PASSES:
-            raise BuildError(f"unknown pass {name!r} (allowed: {', '.join(PIPELINE)})")
-    return tuple(p for p in chosen if p not in disabled)
+            raise BuildError(f"unknown pass {name!r} (allowed: {', '.join(PIPELINE)}, or none)")
+    remaining = tuple(p for p in chosen if p not in disabled)
+    if chosen and not remaining:
+        raise BuildError(f"--disable-pass leaves none of the passes {', '.join(chosen)}; "
+                         "for an unoptimized build say --passes none")
+    return remaining
 
 
 def _dump(text: str) -> str:
@@ -104,6 +114,11 @@ def _report(spec: Spec, initial: dict[str, Graph], results: dict[str, list[PassR
     }
 
 
+def markdown_text(text: str) -> str:
+    """``text`` with Markdown's special characters escaped, so a spec name cannot restyle the report."""
+    return "".join("\\" + c if c in "\\`*_[]<>|#" else c for c in text)
+
+
 def _fmt(x: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= size:
@@ -114,7 +129,7 @@ def _fmt(x: float) -> str:
 def report_markdown(report: dict) -> str:
     """The report as a Markdown page."""
     p = report["params"]
-    lines = [f"# umc build report: {report['spec']} ({report['dtype']})", "",
+    lines = [f"# umc build report: {markdown_text(report['spec'])} ({report['dtype']})", "",
              f"Parameters: {_fmt(p['total'])} total, {_fmt(p['dense'])} dense, {_fmt(p['values'])} value tables.", "",
              "## Memory units (decode, per token)", "",
              "| unit | dense params | value params | batch | FLOPs | weight bytes | value-row bytes |",
@@ -162,56 +177,108 @@ def _write_tree(root: Path, spec: Spec, passes: tuple[str, ...], initial: dict[s
                                capture_output=True, text=True)
         if drawn.returncode != 0:
             raise BuildError(f"Graphviz dot could not draw graph.dot: {drawn.stderr.strip()[:300]}")
-    artifacts = {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
-    manifest = {"umc_version": __version__, "spec": spec.name, "spec_sha256": spec_digest(spec),
-                "passes": list(passes), "artifacts": artifacts}
+    artifacts = {name: file_sha256(root / name) for name in present_files(root)}
+    manifest = {"build_format": BUILD_FORMAT, "umc_version": __version__, "spec": spec.name,
+                "spec_sha256": spec_digest(spec), "passes": list(passes), "artifacts": artifacts}
     (root / "manifest.json").write_text(_json(manifest), encoding="utf-8")
 
 
 def _check_weights(path: Path, graphs: dict[str, Graph]) -> None:
-    """Every parameter the graphs read is in the safetensors file with its shape and dtype (BuildError otherwise)."""
+    """The safetensors file holds exactly the model's parameters (those of the lowered graphs) with
+    their shapes and dtypes: a missing, mismatched or extra tensor is a BuildError at compile time,
+    not a failure when the build is loaded. Only the file's header is read."""
     from safetensors import SafetensorError, safe_open
 
+    wanted = {p.name: p.type for graph in graphs.values() for p in graph.params}
     try:
         with safe_open(str(path), "pt") as f:
             names = set(f.keys())
-            for graph in graphs.values():
-                for p in graph.params:
-                    if p.name not in names:
-                        raise BuildError(f"{path}: no tensor {p.name} (the graph needs {p.type})")
-                    meta = f.get_slice(p.name)
-                    shape, dtype = tuple(meta.get_shape()), meta.get_dtype()
-                    wanted = {"f32": "F32", "f16": "F16", "bf16": "BF16", "i64": "I64"}[p.type.dtype]
-                    if shape != p.type.shape or dtype != wanted:
-                        raise BuildError(f"{path}: tensor {p.name} is {dtype}{list(shape)}, the graph needs {p.type}")
+            for name, type_ in wanted.items():
+                if name not in names:
+                    raise BuildError(f"{path}: no tensor {name} (the model needs {type_})")
+                meta = f.get_slice(name)
+                shape, dtype = tuple(meta.get_shape()), meta.get_dtype()
+                if shape != type_.shape or dtype != BY_IR[type_.dtype].safetensors:
+                    raise BuildError(f"{path}: tensor {name} is {dtype}{list(shape)}, the model needs {type_}")
     except (OSError, SafetensorError) as exc:
         raise BuildError(f"{path}: cannot read safetensors weights: {exc}") from None
+    extra = sorted(names - set(wanted))
+    if extra:
+        raise BuildError(f"{path}: tensor {extra[0]} is not a parameter of the model ({len(extra)} extra in all); "
+                         "the file must hold the model's parameters only")
 
 
-def _check_replaceable(out: Path) -> None:
-    """--force replaces an empty directory or a umc build holding nothing but its manifest's files."""
-    if not out.is_dir():
+def _check_target(out: Path) -> None:
+    """Refuse, before anything walks, reads or writes it, a target no build may replace: the
+    filesystem root, the home directory, the current directory or any of its ancestors."""
+    cwd = Path.cwd().resolve()
+    home = Path(os.path.expanduser("~"))
+    if out == Path(out.anchor):
+        reason = "the filesystem root"
+    elif home.is_absolute() and out == home.resolve():
+        reason = "your home directory"
+    elif out == cwd:
+        reason = "the current directory"
+    elif out in cwd.parents:
+        reason = "an ancestor of the current directory"
+    else:
+        return
+    raise BuildError(f"{out} is {reason}; umc compile writes only to a build directory of its own "
+                     "(choose a new or empty directory)")
+
+
+def _check_replaceable(path: Path, out: Path) -> None:
+    """--force replaces an empty directory or a umc build (any build format) holding nothing but
+    its manifest's files. ``path`` is checked; errors name ``out``, where the user put it."""
+    if path.is_symlink() or not path.is_dir():
         raise BuildError(f"{out} is not a directory; --force replaces only umc build directories")
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()}
-    if not present:
+    if not any(path.iterdir()):
         return
     try:
-        listed = set(read_manifest(out, check_hashes=False)["artifacts"]) | {"manifest.json"}
+        manifest = parse_manifest(path)
     except BuildDirError:
         raise BuildError(f"{out} is not a umc build directory (no valid manifest.json); "
                          "--force replaces only builds") from None
-    extra = sorted(present - listed)
+    extra = unlisted_files(path, manifest)
     if extra:
         raise BuildError(f"{out} holds files the build did not write ({', '.join(extra[:3])}); "
                          "move them away or choose another directory")
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished staging directory to ``out``. An old build there is moved aside first and
-    put back if anything (an error, Ctrl-C) stops the swap; it is deleted only after success."""
-    if not out.exists():
-        os.replace(staging, out)
+def _swap_into_place(staging: Path, out: Path, force: bool) -> None:
+    """Rename the finished staging directory to ``out``, checking and acting in one step.
+
+    Without ``force`` the rename is no-replace: whatever appeared at ``out`` during the compile is
+    refused and left untouched. With ``force`` the swap runs under an exclusive lock on the parent
+    directory (so concurrent umc compiles take turns), and an existing ``out`` is replaced only
+    as ``_replace_build`` allows.
+    """
+    if not force:
+        try:
+            rename_noreplace(staging, out)
+        except FileExistsError:
+            raise BuildError(f"{out} exists (use --force to replace it)") from None
         return
+    with exclusive_lock(out.parent):
+        if not os.path.lexists(out):
+            try:
+                rename_noreplace(staging, out)
+            except FileExistsError:
+                raise BuildError(f"{out} appeared while compiling and was left alone; run again to replace it") from None
+            return
+        _check_replaceable(out, out)
+        _replace_build(staging, out)
+
+
+def _replace_build(staging: Path, out: Path) -> None:
+    """Swap ``staging`` in for the old build at ``out`` (the caller holds the parent's lock and has
+    checked ``out``). The old build moves into a fresh private directory, is checked again there
+    (a file written into it after the first check is caught, not deleted), and is put back with a
+    no-replace rename if that check or anything else (an error, Ctrl-C) stops the swap; it is
+    deleted only after success. Both renames are plain renames: the first targets a name in a
+    directory created here, and a directory renamed onto an existing path can replace only an
+    empty directory, which --force may replace anyway.
+    """
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
     old = trash / "build"
     try:
@@ -220,10 +287,11 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
         raise BuildError(f"cannot replace {out}: {exc.strerror}") from None
     try:
+        _check_replaceable(old, out)
         os.replace(staging, out)
     except BaseException as exc:
         try:
-            os.replace(old, out)
+            rename_noreplace(old, out)
         except OSError:
             raise BuildError(f"cannot replace {out}, and the old build could not be put back: it is in {old}") from None
         shutil.rmtree(trash, ignore_errors=True)
@@ -238,21 +306,27 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
             weights: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> Build:
     """Compile a spec (or spec file) into ``out_dir``; see the module docstring for what is written.
 
-    ``weights``: a safetensors file checked against the graphs' parameters (names, shapes, dtypes,
-    read from its header only) and copied into the build as ``weights.safetensors``.
+    ``weights``: a safetensors file checked against the model's parameters (every one present with
+    its shape and dtype, nothing else; read from its header only) and copied into the build as
+    ``weights.safetensors``. An existing ``out_dir`` is refused unless ``force`` (see
+    ``_check_replaceable``); the final rename checks again, so a directory that appears during
+    the compile is refused too.
     """
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     chosen = select_passes(passes, disable)
     if dump_after not in (None, "all") and dump_after not in chosen:
         raise BuildError(f"--dump-after {dump_after!r} is not in the pipeline (allowed: all, {', '.join(chosen)})")
     out = Path(out_dir).resolve()
-    if out.exists():
+    _check_target(out)
+    if os.path.lexists(out):
         if not force:
             raise BuildError(f"{out} exists (use --force to replace it)")
-        _check_replaceable(out)
+        _check_replaceable(out, out)
     say = progress or (lambda _: None)
     say(f"lowering {spec.name}")
     initial = lower(spec)
+    if weights is not None:
+        _check_weights(Path(weights), initial)
     results: dict[str, list[PassResult]] = {kind: [] for kind in initial}
     for i, name in enumerate(chosen):
         counts = []
@@ -263,8 +337,6 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
         say(f"[{i + 1}/{len(chosen)}] {name}: {', '.join(counts)} nodes")
     report = _report(spec, initial, results)
     finals = {k: (results[k][-1].graph if results[k] else initial[k]) for k in initial}
-    if weights is not None:
-        _check_weights(Path(weights), finals)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
@@ -272,7 +344,7 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
         if weights is not None:
             shutil.copyfile(weights, staging / "weights.safetensors")
         _write_tree(staging, spec, chosen, initial, results, dump_after, report)
-        _swap_into_place(staging, out)
+        _swap_into_place(staging, out, force)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

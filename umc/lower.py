@@ -5,35 +5,41 @@ conv, projection, query/key norms, rank scores, coarse scores, top-m, Tucker gri
 selection, shuffle, IVE split, gather, MCS scaling, block scatter, E projector
 matmuls), so the passes have something to fuse. Parameters are named as in the
 eager model's state dict (and, inside a memory layer, as in the authors' checkpoints).
+Each node's ``Scope`` records its block or memory unit and part; the graph declares its
+carried state (KV cache, query-conv inputs) and each unit's selection taps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from umc.dtypes import ir_name
 from umc.ir.builder import GraphBuilder
-from umc.ir.core import SPEC_DTYPES, Dim, Graph, TensorType, Value
+from umc.ir.core import Graph, Scope, StateSlot, Tap, TensorType, Value
+from umc.ir.dims import Dim, Sym
 from umc.ir.verify import verify
 from umc.spec import MemorySpec, ModelSpec, Spec
+
+B, T, S_PAST = Sym.of("B"), Sym.of("T"), Sym.of("S_past")
 
 
 @dataclass(frozen=True)
 class MemoryOutputs:
-    """What a lowered memory layer yields: its output, new conv state (or None), and grid addresses."""
+    """What a lowered memory layer yields: its output, new conv state (or None), and its selection taps."""
 
     out: Value
     conv_state: Value | None
-    address: Value
+    taps: dict[str, Value]
 
 
 def lower_memory(b: GraphBuilder, mem: MemorySpec, d_model: int, dtype: str, x: Value, prefix: str,
-                 conv_state: Value | None, scope: str) -> MemoryOutputs:
-    """Emit one memory layer reading x (B,T,D); ``prefix`` prefixes its parameter names."""
+                 conv_state: Value | None, unit: int) -> MemoryOutputs:
+    """Emit memory unit ``unit`` reading x (B,T,D); ``prefix`` prefixes its parameter names."""
     kd, n, m, heads = mem.side_dim, mem.keys_per_side, mem.topm, mem.heads
     param = lambda name, *shape, kind=dtype: b.param(prefix + name, kind, shape)
     batch, steps = x.type.shape[:2]
 
-    b.scope = f"{scope}.query"
+    b.scope = Scope("query", unit=unit)
     new_state = None
     if mem.query_conv:
         conv_in = [x, param("query_conv.weight", d_model, mem.query_conv), param("query_conv.bias", d_model)]
@@ -47,7 +53,7 @@ def lower_memory(b: GraphBuilder, mem: MemorySpec, d_model: int, dtype: str, x: 
         q_row = b.one("layer_norm", q_row, *norm, eps=mem.norm_eps)
         q_col = b.one("layer_norm", q_col, *norm, eps=mem.norm_eps)
 
-    b.scope = f"{scope}.score"
+    b.scope = Scope("score", unit=unit)
     rank_shape = (mem.tucker_rank,) if mem.kind == "ultramem" else ()
     keys = param("keys", heads, 2, n, kd, *rank_shape)
     if mem.key_norm != "none":
@@ -68,18 +74,19 @@ def lower_memory(b: GraphBuilder, mem: MemorySpec, d_model: int, dtype: str, x: 
         v_row, i_row = b.emit("topm", b.one("key_scores", q_row, k_row), k=m)
         v_col, i_col = b.emit("topm", b.one("key_scores", q_col, k_col), k=m)
         address, scores = b.emit("additive_select", v_row, i_row, v_col, i_col, n=n)
+    taps = {"query": q, "rows": i_row, "cols": i_col, "grid": address, "scores": scores}
     if mem.score_activation == "softmax":
         scores = b.one("softmax", scores, axis=3)
     elif mem.score_activation == "relu":
         scores = b.one("relu", scores)
 
-    b.scope = f"{scope}.pool"
+    b.scope = Scope("pool", unit=unit)
     virtual = b.one("shuffle", address, param("shuffle_index", mem.virtual_values, kind="i64")) if mem.has_shuffle else address
     row, block = b.emit("ive_split", virtual, N=mem.physical_values)
     values = b.one("gather_values", param("values_for_look_up", mem.physical_values, mem.vdim), row)
     pooled = b.one("scatter_blocks", b.one("mcs_scale", values, scores), block, E=mem.value_expansion)
     if mem.output_projection:
-        b.scope = f"{scope}.project"
+        b.scope = Scope("project", unit=unit)
         projector = param("values_proj.weight", d_model, mem.value_expansion * mem.vdim)
         out = None
         for e in range(mem.value_expansion):
@@ -88,8 +95,12 @@ def lower_memory(b: GraphBuilder, mem: MemorySpec, d_model: int, dtype: str, x: 
             out = y_e if out is None else b.one("add", out, y_e)
     else:
         out = b.one("reshape", pooled, shape=(batch, steps, mem.vdim))
-    flat_address = b.one("reshape", address, shape=(batch, steps, heads * m))
-    return MemoryOutputs(out, new_state, flat_address)
+    return MemoryOutputs(out, new_state, taps)
+
+
+def _tap_outputs(unit: int, taps: dict[str, Value]) -> tuple[dict[str, Value], list[Tap]]:
+    named = {f"mem{unit}.{stage}": value for stage, value in taps.items()}
+    return named, [Tap(unit, stage, f"mem{unit}.{stage}") for stage in taps]
 
 
 def _norm(b: GraphBuilder, model: ModelSpec, dtype: str, x: Value, name: str) -> Value:
@@ -99,70 +110,110 @@ def _norm(b: GraphBuilder, model: ModelSpec, dtype: str, x: Value, name: str) ->
     return b.one("rms_norm" if model.norm == "rmsnorm" else "layer_norm", x, *affine, eps=model.norm_eps)
 
 
-def _lower_model(spec: Spec, decode: bool) -> Graph:
-    model, mem, dtype = spec.model, spec.memory, SPEC_DTYPES[spec.dtype]
+def lower_block(b: GraphBuilder, model: ModelSpec, dtype: str, x: Value, i: int, past: tuple[Value, ...],
+                prefix: str) -> tuple[Value, Value, Value, Value]:
+    """Emit block ``i`` on the residual stream x (parameter names prefixed by ``prefix``): returns x after it,
+    the normed FFN input h (what memory units read), and the present keys and values (``past`` = (k, v) or ())."""
     d, hd, kv = model.d_model, model.head_dim, model.n_kv_heads
-    steps: Dim = 1 if decode else "T"
+    weight = lambda name, *shape: b.param(prefix + name, dtype, shape)
+    b.scope = Scope("attn", block=i)
+    h = _norm(b, model, dtype, x, f"{prefix}attn_norm")
+    q = b.one("linear", h, weight("attn.q_proj.weight", model.n_heads * hd, d))
+    k = b.one("linear", h, weight("attn.k_proj.weight", kv * hd, d))
+    v = b.one("linear", h, weight("attn.v_proj.weight", kv * hd, d))
+    att, present_k, present_v = b.emit("attention", q, k, v, *past, n_heads=model.n_heads, n_kv_heads=kv,
+                                       head_dim=hd, rope_theta=model.rope_theta)
+    x = b.one("add", x, b.one("linear", att, weight("attn.o_proj.weight", d, model.n_heads * hd)))
+    b.scope = Scope("ffn", block=i)
+    h = _norm(b, model, dtype, x, f"{prefix}ffn_norm")
+    up = b.one("linear", h, weight("ffn.up_proj.weight", model.ffn_hidden, d))
+    if model.ffn == "swiglu":
+        act = b.one("mul", b.one("silu", b.one("linear", h, weight("ffn.gate_proj.weight", model.ffn_hidden, d))), up)
+    else:
+        act = b.one("gelu", up)
+    x = b.one("add", x, b.one("linear", act, weight("ffn.down_proj.weight", d, model.ffn_hidden)))
+    return x, h, present_k, present_v
+
+
+def _lower_model(spec: Spec, decode: bool) -> Graph:
+    model, mem, dtype = spec.model, spec.memory, ir_name(spec.dtype)
+    d, hd, kv = model.d_model, model.head_dim, model.n_kv_heads
+    steps: Dim = 1 if decode else T
     b = GraphBuilder("decode" if decode else "prefill")
-    tokens = b.input("tokens", TensorType("i64", ("B", steps)))
-    past = [(b.input(f"past_k.{i}", TensorType(dtype, ("B", kv, "S_past", hd))),
-             b.input(f"past_v.{i}", TensorType(dtype, ("B", kv, "S_past", hd)))) if decode else ()
-            for i in range(model.n_layers)]
-    conv_in = [b.input(f"conv_state.{j}", TensorType(dtype, ("B", mem.query_conv - 1, d)))
-               if decode and mem.query_conv else None for j in range(len(mem.units))]
+    tokens = b.input("tokens", TensorType("i64", (B, steps)))
+    state: list[StateSlot] = []
+    past: list[tuple[Value, ...]] = []
+    for i in range(model.n_layers):
+        if decode:
+            past.append(tuple(b.input(f"past_{side}.{i}", TensorType(dtype, (B, kv, S_PAST, hd))) for side in "kv"))
+        state += [StateSlot(f"kv_{side}", i, f"present_{side}.{i}", f"past_{side}.{i}" if decode else None)
+                  for side in "kv"]
+    conv_in: list[Value | None] = []
+    for j in range(len(mem.units)):
+        has_state = bool(mem.query_conv and mem.query_conv > 1)
+        conv_in.append(b.input(f"past_conv.{j}", TensorType(dtype, (B, mem.query_conv - 1, d)))
+                       if decode and has_state else None)
+        if has_state:
+            state.append(StateSlot("conv", j, f"present_conv.{j}", f"past_conv.{j}" if decode else None))
     outputs: dict[str, Value] = {}
-    conv_out: dict[str, Value] = {}
+    taps: list[Tap] = []
     weight = lambda name, *shape: b.param(name, dtype, shape)
 
-    b.scope = "embed"
+    b.scope = Scope("embed")
     x = b.one("embedding", tokens, weight("embed.weight", model.vocab_size, d))
     read_inputs: dict[int, Value] = {}
     for i in range(model.n_layers):
-        p = f"blocks.{i}"
-        b.scope = f"block{i}.attn"
-        h = _norm(b, model, dtype, x, f"{p}.attn_norm")
-        q = b.one("linear", h, weight(f"{p}.attn.q_proj.weight", model.n_heads * hd, d))
-        k = b.one("linear", h, weight(f"{p}.attn.k_proj.weight", kv * hd, d))
-        v = b.one("linear", h, weight(f"{p}.attn.v_proj.weight", kv * hd, d))
-        att, outputs[f"present_k.{i}"], outputs[f"present_v.{i}"] = b.emit(
-            "attention", q, k, v, *past[i], n_heads=model.n_heads, n_kv_heads=kv, head_dim=hd,
-            rope_theta=model.rope_theta)
-        x = b.one("add", x, b.one("linear", att, weight(f"{p}.attn.o_proj.weight", d, model.n_heads * hd)))
-        b.scope = f"block{i}.ffn"
-        h = _norm(b, model, dtype, x, f"{p}.ffn_norm")
-        read_inputs[i] = h
-        up = b.one("linear", h, weight(f"{p}.ffn.up_proj.weight", model.ffn_hidden, d))
-        if model.ffn == "swiglu":
-            gate = b.one("linear", h, weight(f"{p}.ffn.gate_proj.weight", model.ffn_hidden, d))
-            act = b.one("mul", b.one("silu", gate), up)
-        else:
-            act = b.one("gelu", up)
-        x = b.one("add", x, b.one("linear", act, weight(f"{p}.ffn.down_proj.weight", d, model.ffn_hidden)))
+        x, read_inputs[i], outputs[f"present_k.{i}"], outputs[f"present_v.{i}"] = lower_block(
+            b, model, dtype, x, i, past[i] if decode else (), f"blocks.{i}.")
         for j, unit in enumerate(mem.units):
             if unit.write == i:
-                lowered = lower_memory(b, mem, d, dtype, read_inputs[unit.read], f"memories.{j}.", conv_in[j], f"mem{j}")
-                if lowered.conv_state is not None:
-                    conv_out[f"conv_state.{j}"] = lowered.conv_state
-                b.scope = f"mem{j}.residual"
+                lowered = lower_memory(b, mem, d, dtype, read_inputs[unit.read], f"memories.{j}.", conv_in[j], j)
+                if lowered.conv_state is not None and mem.query_conv > 1:
+                    outputs[f"present_conv.{j}"] = lowered.conv_state
+                named, unit_taps = _tap_outputs(j, lowered.taps)
+                outputs.update(named)
+                taps += unit_taps
+                b.scope = Scope("residual", unit=j)
                 x = b.one("add", x, lowered.out)
-    b.scope = "head"
+    b.scope = Scope("head")
     x = _norm(b, model, dtype, x, "norm")
     head = weight("embed.weight" if model.tie_embeddings else "lm_head.weight", model.vocab_size, d)
     logits = b.one("linear", x, head)
-    return b.build({"logits": logits, **outputs, **conv_out},
-                   meta={"spec": spec.name, "units": tuple(str(u) for u in mem.units)})
+    carried = {slot.output: outputs.pop(slot.output) for slot in state}
+    ordered = {"logits": logits, **carried, **outputs}
+    return b.build(ordered, meta={"spec": spec.name, "units": tuple((u.read, u.write) for u in mem.units)},
+                   state=tuple(state), taps=tuple(taps))
 
 
 def lower(spec: Spec) -> dict[str, Graph]:
-    """The spec's ``prefill`` (tokens (B,T) -> logits, present KV, conv state) and ``decode``
-    (tokens (B,1) + past KV + conv state -> logits + new state) graphs, verified."""
+    """The spec's ``prefill`` (tokens (B,T) -> logits, present state, taps) and ``decode``
+    (tokens (B,1) + past state -> logits + present state, taps) graphs, verified."""
     return {"prefill": verify(_lower_model(spec, decode=False)), "decode": verify(_lower_model(spec, decode=True))}
 
 
 def lower_layer(mem: MemorySpec, d_model: int, dtype: str = "float32") -> Graph:
-    """A single memory layer as a graph: x (B,T,D) -> out (B,T,D), address (B,T,H*m). Parameters unprefixed."""
-    ir_dtype = SPEC_DTYPES[dtype]
+    """A single memory layer as a graph: x (B,T,D) -> out (B,T,D) and its taps (unit 0). Parameters unprefixed."""
     b = GraphBuilder("layer")
-    x = b.input("x", TensorType(ir_dtype, ("B", "T", d_model)))
-    lowered = lower_memory(b, mem, d_model, ir_dtype, x, "", None, "mem0")
-    return verify(b.build({"out": lowered.out, "address": lowered.address}))
+    x = b.input("x", TensorType(ir_name(dtype), (B, T, d_model)))
+    lowered = lower_memory(b, mem, d_model, ir_name(dtype), x, "", None, 0)
+    named, taps = _tap_outputs(0, lowered.taps)
+    return verify(b.build({"out": lowered.out, **named}, taps=tuple(taps)))
+
+
+def lower_block_slice(spec: Spec, block: int) -> dict[str, Graph]:
+    """Block ``block`` alone, for verifying big models a slice at a time: ``prefill`` x (B,T,D) -> x after the
+    block and its present KV; ``decode`` x (B,1,D) + past KV -> the same. Parameters unprefixed."""
+    model, dtype = spec.model, ir_name(spec.dtype)
+    graphs = {}
+    for kind, steps in (("prefill", T), ("decode", 1)):
+        b = GraphBuilder(f"block{block}.{kind}")
+        x = b.input("x", TensorType(dtype, (B, steps, model.d_model)))
+        past = ()
+        if kind == "decode":
+            past = tuple(b.input(f"past_{side}", TensorType(dtype, (B, model.n_kv_heads, S_PAST, model.head_dim)))
+                         for side in "kv")
+        out, _, present_k, present_v = lower_block(b, model, dtype, x, block, past, "")
+        state = tuple(StateSlot(f"kv_{side}", block, f"present_{side}", f"past_{side}" if past else None)
+                      for side in "kv")
+        graphs[kind] = verify(b.build({"x": out, "present_k": present_k, "present_v": present_v}, state=state))
+    return graphs

@@ -8,15 +8,14 @@ Value bytes are the rows a gather reads: ``min(B*H*m, N)`` rows per layer and st
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from umc.ir.core import DTYPE_BYTES, Dim, Graph
-from umc.ir.ops import OPS, Operand
+from umc.ir.core import Graph
+from umc.ir.dims import evaluate_shape
+from umc.ir.ops import OPS, Concrete
 
 VALUE_GATHERS = ("gather_values", "gather_pool")
 BATCHES = (1, 8, 64, 512)
-_UNIT = re.compile(r"mem(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -40,22 +39,16 @@ class Cost:
                 "value_bytes": round(self.value_bytes, 3)}
 
 
-def _dim(d: Dim, env: dict[str, int]) -> int:
-    if isinstance(d, int):
-        return d
-    return sum(int(p) if p.isdigit() else env[p] for p in str(d).split("+"))
-
-
-def node_costs(graph: Graph, env: dict[str, int]) -> list[tuple[str, Cost]]:
-    """(scope, cost) of every per-call node with symbolic dims bound by ``env``.
+def node_costs(graph: Graph, env: dict[str, int]) -> list[tuple[int | None, Cost]]:
+    """(memory unit or None, cost) of every per-call node with symbolic dims bound by ``env``.
 
     Values computed from weights alone count as weights (their readers read weight bytes),
     whether they are computed at load time or, unoptimized, on every call.
     """
     weights = {v.id for v in graph.params} | {v.id for n in graph.init_nodes for v in n.outputs}
 
-    def operand(v) -> Operand:
-        return Operand(tuple(_dim(d, env) for d in v.type.shape), DTYPE_BYTES[v.type.dtype], v.id in weights)
+    def operand(v) -> Concrete:
+        return Concrete(evaluate_shape(v.type.shape, env), v.type.itemsize, v.id in weights)
 
     out = []
     for node in graph.nodes:
@@ -63,7 +56,7 @@ def node_costs(graph: Graph, env: dict[str, int]) -> list[tuple[str, Cost]]:
             weights.update(v.id for v in node.outputs)  # recomputed from weights on every call
         flops, nbytes = OPS[node.op].cost(tuple(map(operand, node.inputs)), tuple(map(operand, node.outputs)),
                                           dict(node.attrs))
-        out.append((node.scope, Cost(flops, nbytes, nbytes if node.op in VALUE_GATHERS else 0)))
+        out.append((node.scope.unit, Cost(flops, nbytes, nbytes if node.op in VALUE_GATHERS else 0)))
     return out
 
 
@@ -71,12 +64,10 @@ def decode_cost(graph: Graph, batch: int = 1) -> tuple[Cost, dict[int, Cost]]:
     """Per-token cost of one decode step at ``batch``: the whole graph and each memory unit."""
     env = {"B": batch, "T": 1, "S_past": 0}
     total, units = Cost(), {}
-    for scope, cost in node_costs(graph, env):
+    for unit, cost in node_costs(graph, env):
         total = total + cost
-        match = _UNIT.match(scope)
-        if match:
-            j = int(match.group(1))
-            units[j] = units.get(j, Cost()) + cost
+        if unit is not None:
+            units[unit] = units.get(unit, Cost()) + cost
     return total.per(batch), {j: c.per(batch) for j, c in sorted(units.items())}
 
 

@@ -1,30 +1,45 @@
 """Equivalence checks: compiled artifacts against the eager reference and the golden files (DESIGN.md §7).
 
-This module is the bridge: it imports both the oracle (``umc.reference``) and the
-compiler side, which never import each other.
+This module is the bridge: it imports both the oracle (``umc.reference``) and the compiler
+side, which never import each other.
+
+Each memory layer is checked in three parts. Its query projection (a selection tap) against
+the eager layer's on the same path: in float32 within tolerance, in low precision at least as
+close to a float64 run as eager is. Its selection, stage by stage and without enumeration, on
+its own query: a set S chosen among candidates with true scores s is a top-m under a band b iff
+S holds m distinct candidates and ``min(s over S) >= max(s outside S) - b``, where s are the
+oracle's float64 scores of the build's query and the band of each (token, head) is
+``BAND_FACTOR`` times the largest difference, over that stage's candidates, between the eager
+layer's scores of that query computed in the build's dtype and in float64: the rounding a correct
+computation shows there. The row set, the column set, and the grid selection over the build's
+own rows x columns are each judged. Finally its per-core scores at the chosen addresses. Judging
+the selection on the build's own query keeps upstream rounding (which the query check bounds)
+out of the band.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import safetensors
 import torch
 from safetensors.torch import load_file
 
-from umc.lower import lower_layer
-from umc.manifest import read_manifest
+from umc.cost import memory_needs, shuffle_elements, spec_cost
+from umc.dtypes import BY_SPEC, torch_dtype
+from umc.lower import lower_block_slice, lower_layer
+from umc.manifest import unlisted_files
+from umc.official import official_memory_spec
 from umc.passes import PIPELINE, run_pipeline
-from umc.reference import TORCH_DTYPES, build_model, load_weights, memory_layer_from_official
-from umc.reference.official import official_memory_spec
-from umc.runtime import load
-from umc.runtime.graph_backend import bind, execute
-from umc.spec import spec_from_dict
+from umc.resources import require_memory
+from umc.reference import build_block, build_memory_layer, build_model, load_weights, memory_layer_from_official
+from umc.runtime import lookup_backend
+from umc.runtime.checks import check_feeds, check_weights
+from umc.runtime.session import Session, read_build
+from umc.spec import SpecError
 
 # float32: error relative to the reference's max magnitude (layer 1e-5, whole-model logits 1e-4)
 LAYER_TOLERANCE = 1e-5
@@ -32,10 +47,8 @@ LOGITS_TOLERANCE = 1e-4
 # float16/bfloat16: no further from float64 than eager at the same dtype (times slack), and a loose bound
 LOW_PRECISION_SLACK = 1.25
 LOW_PRECISION_BOUND = {"float16": 0.05, "bfloat16": 0.25}
-# a differing top-m candidate is a tie when its score is this close (relative to the head's largest score) to the
-# m-th: float32 as the layer tolerance; low precision 8 units of rounding (eps 2**-10 and 2**-8), since the scores
-# come out of a whole low-precision network whose inputs already differ by its rounding
-TIE_TOLERANCE = {"float32": 1e-5, "float16": 8 * 2**-10, "bfloat16": 8 * 2**-8}
+# the tie band of a selection stage: this many times eager's largest score error against float64
+BAND_FACTOR = 2.0
 
 
 class VerifyError(ValueError):
@@ -55,18 +68,26 @@ class Check:
     note: str = ""
 
 
-def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float]:
-    if not want.numel():
-        return 0.0, 0.0, 0.0
+def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float, int]:
+    """(max abs error, relative to max |want|, max |want|, non-finite values in got or want)."""
+    bad = int((~torch.isfinite(got)).sum()) + int((~torch.isfinite(want)).sum()) if got.is_floating_point() else 0
+    if not want.numel() or bad:
+        return (float("nan"),) * 3 + (bad,) if bad else (0.0, 0.0, 0.0, 0)
     diff = (got.double() - want.double()).abs()
     scale = want.double().abs().max().item()
     max_abs = diff.max().item()
-    return max_abs, max_abs / scale if scale else max_abs, scale
+    return max_abs, max_abs / scale if scale else max_abs, scale, 0
+
+
+def _non_finite(output: str, step: str, count: int) -> Check:
+    return Check(output, step, float("nan"), float("nan"), 0.0, False, f"{count} non-finite values (NaN or Inf)")
 
 
 def compare(output: str, step: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> Check:
-    """float32 rule: max abs error within ``tolerance`` x max |want|."""
-    max_abs, max_rel, scale = _errors(got, want)
+    """float32 rule: max abs error within ``tolerance`` x max |want|; any NaN/Inf fails."""
+    max_abs, max_rel, scale, bad = _errors(got, want)
+    if bad:
+        return _non_finite(output, step, bad)
     limit = tolerance * max(scale, 1e-30)
     return Check(output, step, max_abs, max_rel, limit, max_abs <= limit)
 
@@ -74,162 +95,253 @@ def compare(output: str, step: str, got: torch.Tensor, want: torch.Tensor, toler
 def compare_low_precision(output: str, step: str, got: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
                           dtype: str) -> Check:
     """At-least-as-close rule: |got - float64| <= slack * |eager(dtype) - float64| + two rounding steps of the
-    dtype at the output's scale (below that, differences are noise), and a loose bound."""
-    got_abs, got_rel, scale = _errors(got, exact)
-    eager_abs, _, _ = _errors(eager, exact)
-    rounding = 2 * torch.finfo(TORCH_DTYPES[dtype]).eps * scale
+    dtype at the output's scale (below that, differences are noise), and a loose bound; any NaN/Inf fails."""
+    got_abs, got_rel, scale, bad = _errors(got, exact)
+    eager_abs, _, _, eager_bad = _errors(eager, exact)
+    if bad or eager_bad:
+        return _non_finite(output, step, bad + eager_bad)
+    rounding = 2 * torch.finfo(torch_dtype(dtype)).eps * scale
     limit = min(LOW_PRECISION_SLACK * eager_abs + rounding, LOW_PRECISION_BOUND[dtype] * scale)
     return Check(output, step, got_abs, got_rel, limit, got_abs <= limit, f"eager {dtype} error {eager_abs:.3g}")
+
+
+def compare_any(output: str, step: str, got, eager, exact, dtype: str, tolerance: float) -> Check:
+    """float32: ``compare`` against eager; float16/bfloat16: ``compare_low_precision`` against float64."""
+    if dtype == "float32":
+        return compare(output, step, got, eager, tolerance)
+    return compare_low_precision(output, step, got, eager, exact, dtype)
 
 
 # ---------------------------------------------------------------- selections (top-m is discontinuous)
 
 
-MAX_ADMISSIBLE_SETS = 256
+@dataclass(frozen=True)
+class Stage:
+    """One selection stage over (M, H) token-heads: the build's chosen ids (M,H,m), the candidate ids
+    (M,H,K) and their float64 scores, and each token-head's measured rounding (M,H): the eager model's largest
+    score error in the build's dtype against float64 among that token-head's candidates."""
+
+    name: str
+    chosen: torch.Tensor
+    candidates: torch.Tensor
+    scores64: torch.Tensor
+    rounding: torch.Tensor
+
+    @property
+    def band(self) -> torch.Tensor:
+        """The tie band per token-head: ``BAND_FACTOR`` x its measured rounding."""
+        return BAND_FACTOR * self.rounding
 
 
-def _admissible_top(scores: torch.Tensor, m: int, slack: float) -> list[frozenset[int]] | None:
-    """Every top-m index set of ``scores`` (n,) that perturbing each score by at most ``slack`` could give;
-    None when there are more than MAX_ADMISSIBLE_SETS (too degenerate to enumerate)."""
-    n = scores.numel()
-    if m >= n:
-        return [frozenset(range(n))]
-    values = scores.sort(descending=True).values
-    surely_in = {i for i in range(n) if scores[i] > values[m] + 2 * slack}  # no outside score can pass it
-    possible = {i for i in range(n) if scores[i] >= values[m - 1] - 2 * slack}  # may reach the m-th place
-    band, need = sorted(possible - surely_in), m - len(surely_in)
-    if math.comb(len(band), need) > MAX_ADMISSIBLE_SETS:
-        return None
-    return [frozenset(surely_in | set(extra)) for extra in itertools.combinations(band, need)]
+@dataclass(frozen=True)
+class StageVerdict:
+    """Per token-head: ids repeated, ids not among the candidates, and not a top-m within the band."""
+
+    repeated: torch.Tensor
+    foreign: torch.Tensor
+    beyond_band: torch.Tensor
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """Token-heads that fail any rule."""
+        return self.repeated | self.foreign | self.beyond_band
 
 
-def _explained(layer, x_token: torch.Tensor, head: int, chosen: set[int], tol: float) -> bool | None:
-    """Whether ``chosen`` is what the eager layer could pick for one (token, head) under rounding.
-
-    Rows and columns: any admissible top-m of the side scores (ties at the m-th place may swap);
-    then ``chosen`` must be a top-m of the grid over those rows x columns, up to ties at its m-th
-    score. None when the sides are too degenerate to enumerate.
-    """
-    n, m = layer.spec.keys_per_side, layer.spec.topm
-    row_scores, col_scores = (side[0, head] for side in layer.side_scores(x_token))
-    rows = _admissible_top(row_scores, m, tol * row_scores.abs().max().item())
-    cols = _admissible_top(col_scores, m, tol * col_scores.abs().max().item())
-    if rows is None or cols is None:
-        return None
-    used_rows, used_cols = {a // n for a in chosen}, {a % n for a in chosen}
-    for row_set in (r for r in rows if used_rows <= r):
-        for col_set in (c for c in cols if used_cols <= c):
-            candidates = [r * n + c for r in sorted(row_set) for c in sorted(col_set)]
-            address = torch.tensor([candidates])
-            grid = layer.scores_at(x_token, address, heads=torch.full((len(candidates),), head)).sum(-1)[0]
-            picked = torch.tensor([a in chosen for a in candidates])
-            slack = 2 * tol * grid.abs().max().item()
-            if picked.all() or grid[picked].min() >= grid[~picked].max() - slack:
-                return True
-    return False
+def judge(stage: Stage) -> StageVerdict:
+    """The admissibility rule: m distinct candidates whose lowest score is at least the highest score left
+    out minus the stage's band."""
+    m = stage.chosen.shape[-1]
+    ordered = stage.chosen.sort(-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    picked = (stage.candidates.unsqueeze(-1) == stage.chosen.unsqueeze(-2))  # (M,H,K,m)
+    foreign = ~picked.any(-2).all(-1)
+    mask = picked.any(-1)  # (M,H,K): candidate chosen
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    lowest_in = torch.where(mask, stage.scores64, inf).amin(-1)
+    highest_out = torch.where(mask, -inf, stage.scores64).amax(-1)
+    beyond = (mask.sum(-1) != m) | (lowest_in < highest_out - stage.band) | ~torch.isfinite(stage.scores64).all(-1)
+    return StageVerdict(repeated, foreign, beyond)
 
 
-def selection_check(layer, x: torch.Tensor, got_address: torch.Tensor, dtype: str, name: str, step: str = "") -> Check:
-    """Compare a selection (M, H*m) with the eager layer's own on the same query inputs x (M, D), tie-aware.
+def measured_rounding(scores: torch.Tensor, scores64: torch.Tensor) -> torch.Tensor:
+    """Per token-head (M,H): the largest |scores - scores64| among its candidates."""
+    return (scores.double() - scores64.double()).abs().amax(-1)
 
-    Where the sets differ for a (token, head), the build's set must be one the eager layer could
-    have chosen had its scores been rounded differently (DESIGN.md §7): see ``_explained``.
-    Anything else is a bug.
-    """
-    heads, m = layer.spec.heads, layer.spec.topm
-    tol = TIE_TOLERANCE[dtype]
+
+def selection_stages(layer, query: torch.Tensor, taps: Mapping[str, torch.Tensor]) -> list[Stage]:
+    """The row, column and grid stages of one memory layer's selection, judged on the build's own query
+    projection (M, Hq*2*kd): float64 scores of it, and the eager layer's rounding in the build's dtype on it."""
+    spec = layer.spec
+    heads, m, n = spec.heads, spec.topm, spec.keys_per_side
+    tokens = query.shape[0]
+    chosen = {k: taps[k].reshape(tokens, heads, m) for k in ("rows", "cols", "grid")}
+    wide = query.double()
     with torch.no_grad():
-        ref = layer.retrieve(x).indices.view(-1, heads, m)
-        got = got_address.reshape(-1, heads, m)
-        differing = [(t, h) for t in range(got.shape[0]) for h in range(heads)
-                     if set(got[t, h].tolist()) != set(ref[t, h].tolist())]
-        verdicts = [_explained(layer, x[t:t + 1], h, set(got[t, h].tolist()), tol) for t, h in differing]
-    unexplained, degenerate = verdicts.count(False), verdicts.count(None)
-    total = got.shape[0] * heads
-    note = f"{len(differing)}/{total} (token, head) sets differ, {unexplained} beyond rounding"
-    if degenerate:
-        note += f", {degenerate} too tied to enumerate"
-    return Check(name, step, float(len(differing)), float(unexplained), 0.0, not unexplained, note)
+        sides, sides64 = layer.side_scores(query, projected=True), layer.side_scores(wide, projected=True)
+        stages = []
+        keys = torch.arange(n).expand(tokens, heads, n)
+        for name, s, s64 in zip(("rows", "cols"), sides, sides64):
+            stages.append(Stage(name, chosen[name], keys, s64.double(), measured_rounding(s, s64)))
+        rows, cols = chosen["rows"], chosen["cols"]
+        grid = layer.grid_at(query, rows, cols, projected=True).sum(2).flatten(-2)
+        grid64 = layer.grid_at(wide, rows, cols, projected=True).sum(2).flatten(-2).double()
+        ids = (rows.unsqueeze(-1) * n + cols.unsqueeze(-2)).flatten(-2)
+        stages.append(Stage("grid", chosen["grid"], ids, grid64, measured_rounding(grid, grid64)))
+    return stages
 
 
-def tie_aware_layer_check(layer, x: torch.Tensor, got_address: torch.Tensor, got_output: torch.Tensor,
-                          dtype: str = "float32") -> list[Check]:
-    """A compiled layer's selection (tie-aware) and its output against the oracle recomputed for that selection."""
+def check_selection(layer, x: torch.Tensor, x64: torch.Tensor, taps: Mapping[str, torch.Tensor], dtype: str,
+                    name: str, step: str = "", tolerance: float = LOGITS_TOLERANCE) -> list[Check]:
+    """One memory layer of a build against the eager layer, in three checks: the build's query projection
+    against eager's on the same path (x in the model's dtype, x64 from the float64 run); its selection,
+    stage-wise and tie-aware, judged on its own query; and its per-core scores at the chosen addresses."""
+    tokens = x.shape[0]
+    query = taps["query"].reshape(tokens, -1)
     with torch.no_grad():
-        oracle = layer.output_at(x, got_address)
-    return [selection_check(layer, x, got_address, dtype, "indices"),
-            compare("output", "vs oracle with this selection", got_output, oracle, LAYER_TOLERANCE)]
+        checks = [compare_any(f"{name}.query", step, query, layer.project(x), layer.project(x64), dtype, tolerance)]
+    stages = selection_stages(layer, query, taps)
+    verdicts = [judge(stage) for stage in stages]
+    total = stages[0].chosen.shape[0] * stages[0].chosen.shape[1]
+    failed = sum(int(v.failed.sum()) for v in verdicts)
+    parts = []
+    for stage, verdict in zip(stages, verdicts):
+        text = f"{stage.name} {int(verdict.beyond_band.sum())} beyond band"
+        for label, flags in (("repeated", verdict.repeated), ("not a candidate", verdict.foreign)):
+            if flags.any():
+                text += f", {int(flags.sum())} {label}"
+        parts.append(text)
+    with torch.no_grad():
+        own = layer.retrieve(x).indices.view(-1, layer.spec.heads, layer.spec.topm)
+    grid = stages[2].chosen
+    differ = sum(set(a) != set(b) for a, b in zip(grid.flatten(0, 1).tolist(), own.flatten(0, 1).tolist()))
+    band = stages[2].band.max().item()
+    note = f"{differ}/{total} grid sets differ from eager's own; {'; '.join(parts)} (of {total}); grid band <= {band:.2g}"
+    checks.append(Check(f"{name}.selection", step, float(differ), float(failed), 0.0, failed == 0, note))
+    address = grid.flatten(1)
+    with torch.no_grad():
+        got = taps["scores"].reshape(address.shape[0], address.shape[1], -1)
+        checks.append(compare_any(f"{name}.scores", step, got, layer.scores_at(query, address, projected=True),
+                                  layer.scores_at(query.double(), address, projected=True), dtype, tolerance))
+    return checks
 
 
 # ---------------------------------------------------------------- whole models
 
 
-def _state_pairs(got: dict[str, torch.Tensor], state, exact_state) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """(name, build tensor, eager tensor, float64 tensor or None) for the KV cache and conv state, stacked per kind."""
-    pairs = []
-    for kind, index in (("present_k", 0), ("present_v", 1)):
-        pairs.append((f"{kind}.*",
-                      torch.cat([got[f"{kind}.{i}"].flatten() for i in range(len(state.kv))]),
-                      torch.cat([kv[index].flatten() for kv in state.kv]),
-                      torch.cat([kv[index].flatten() for kv in exact_state.kv]) if exact_state else None))
-    convs = [j for j, c in enumerate(state.conv) if c is not None and c.numel()]  # kernel 1 keeps no state
-    if convs:
-        pairs.append(("conv_state.*", torch.cat([got[f"conv_state.{j}"].flatten() for j in convs]),
-                      torch.cat([state.conv[j].flatten() for j in convs]),
-                      torch.cat([exact_state.conv[j].flatten() for j in convs]) if exact_state else None))
-    return pairs
+def _eager_state(slot, state) -> torch.Tensor:
+    """The eager DecodeState tensor of a declared state slot."""
+    if slot.kind == "conv":
+        return state.conv[slot.index]
+    return state.kv[slot.index][0 if slot.kind == "kv_k" else 1]
+
+
+def _state_checks(graph, got: Mapping[str, torch.Tensor], state, exact_state, dtype: str, step: str) -> list[Check]:
+    """The build's carried state against eager's, stacked per kind (KV keys, KV values, conv inputs)."""
+    checks = []
+    for kind in ("kv_k", "kv_v", "conv"):
+        slots = [s for s in graph.state if s.kind == kind]
+        if not slots:
+            continue
+        flat = lambda pick: torch.cat([pick(s).flatten() for s in slots])
+        checks.append(compare_any(f"{kind}.*", step, flat(lambda s: got[s.name]), flat(lambda s: _eager_state(s, state)),
+                                  flat(lambda s: _eager_state(s, exact_state)), dtype, LOGITS_TOLERANCE))
+    return checks
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One prefill or decode step of a build and of the eager model forced to the build's selections:
+    the build's logits, state and taps, eager's logits and state in the spec's dtype and in float64, and each
+    memory unit's query inputs in both."""
+
+    step: str
+    got: torch.Tensor
+    state: dict[str, torch.Tensor]
+    taps: dict[int, dict[str, torch.Tensor]]
+    want: torch.Tensor
+    eager_state: object
+    want64: torch.Tensor
+    exact_state: object
+    queries: dict[int, torch.Tensor]
+    queries64: dict[int, torch.Tensor]
+
+
+def trace_steps(session: Session, eager, tokens: torch.Tensor, prompt: int):
+    """Yield a StepRecord for the prompt, then for each further token decoded one at a time."""
+    chunks = [(0, prompt, "prefill")] + [(t, t + 1, f"decode {t - prompt + 1}") for t in range(prompt, tokens.shape[1])]
+    state = eager_state = exact_state = None
+    with torch.no_grad():
+        for start, stop, step in chunks:
+            piece = tokens[:, start:stop]
+            if state is None:
+                got, state, taps = session.trace_prefill(piece)
+            else:
+                got, state, taps = session.trace_decode(piece, state)
+            selections = {j: t["grid"].flatten(2) for j, t in taps.items()}
+            queries: dict[int, torch.Tensor] = {}
+            queries64: dict[int, torch.Tensor] = {}
+            want, eager_state = eager(piece, eager_state, select=selections, memory_inputs=queries)
+            want64, exact_state = eager(piece, exact_state, select=selections, memory_inputs=queries64,
+                                        compute_dtype=torch.float64)
+            yield StepRecord(step, got, state, taps, want, eager_state, want64, exact_state, queries, queries64)
+
+
+def require_verify_memory(spec, batch: int, tokens: int) -> None:
+    """ResourceError, before anything is built, when verifying the whole model cannot fit this machine: the
+    weights once (eager and build share them), the KV cache three times (build, eager, and float64) and the
+    working set of a forward in the spec's dtype and in float64."""
+    needs = memory_needs(spec, batch=batch, seq_len=tokens)
+    wide = 8 // BY_SPEC[spec.dtype].itemsize
+    parts = {"weights": needs.weight_bytes, "KV caches": needs.kv_cache_bytes * (2 + wide),
+             "working sets": needs.prefill_bytes * (1 + wide)}
+    require_memory(sum(parts.values()), f"umc verify {spec.name}", parts=parts,
+                   hint="verify it a slice at a time with --units all --blocks all")
+
+
+def prepare(build_dir: str | Path, backend: str, seed: int | None, steps: int, batch: int, prompt: int):
+    """(session, eager model, tokens) for verifying a build: the eager model from ``seed`` (default: the
+    spec's) or from the build's weights.safetensors when its manifest lists it."""
+    build = read_build(build_dir)
+    spec = build.spec
+    seed = spec.seed if seed is None else seed
+    total = prompt + steps
+    if total > spec.model.max_seq_len:
+        raise VerifyError(f"prompt + steps = {total} exceeds the spec's max_seq_len {spec.model.max_seq_len}")
+    require_verify_memory(spec, batch, total)
+    eager = build_model(spec, seed=seed)
+    if "weights.safetensors" in build.manifest["artifacts"]:
+        load_weights(eager, build.path / "weights.safetensors")
+    session = Session(build, eager.state_dict(), backend)
+    tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(seed))
+    return session, eager, tokens
 
 
 def verify_build(build_dir: str | Path, backend: str = "graph", seed: int | None = None, steps: int = 8,
                  batch: int = 2, prompt: int = 8) -> list[Check]:
     """Prefill + ``steps`` decode steps of random tokens through the build and through the eager model.
 
-    The eager model uses ``seed`` (default: the spec's), or the build's weights.safetensors.
-    Tie-aware: the eager model runs with the build's memory selections forced (so logits and
-    states are compared for the same selection), and each unit's selection is checked against
-    the eager layer's own choice on the same inputs, where only rounding-level ties may differ.
-    Per step: each selection, the logits, the KV cache and the query-conv state.
+    Every step runs the eager model twice with the build's grid selections forced (in the spec's dtype,
+    and in float64 for the tie bands and the low-precision rule), then checks each unit's selection
+    stage-wise and its scores, the logits, the KV cache and the query-conv state.
     """
-    build_dir = Path(build_dir)
-    read_manifest(build_dir, check_hashes=False)  # a clear error before reading spec.json; load() checks hashes
-    spec = spec_from_dict(json.loads((build_dir / "spec.json").read_text()), source=str(build_dir / "spec.json"))
-    seed = spec.seed if seed is None else seed
-    total = prompt + steps
-    if total > spec.model.max_seq_len:
-        raise VerifyError(f"prompt + steps = {total} exceeds the spec's max_seq_len {spec.model.max_seq_len}")
-    eager = build_model(spec, seed=seed)
-    if (build_dir / "weights.safetensors").is_file():
-        load_weights(eager, build_dir / "weights.safetensors")
-    session = load(build_dir, backend=backend, weights=eager.state_dict())
-    exact = copy.deepcopy(eager).double() if spec.dtype != "float32" else None
-    tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(seed))
-
-    def check(name: str, step: str, got, want, want64) -> Check:
-        if exact is None:
-            return compare(name, step, got, want, LOGITS_TOLERANCE)
-        return compare_low_precision(name, step, got, want, want64, spec.dtype)
-
+    session, eager, tokens = prepare(build_dir, backend, seed, steps, batch, prompt)
+    dtype = session.spec.dtype
     checks = []
-    with torch.no_grad():
-        chunks = [(0, prompt, "prefill")] + [(t, t + 1, f"decode {t - prompt + 1}") for t in range(prompt, total)]
-        state = eager_state = exact_state = None
-        for start, stop, step in chunks:
-            piece = tokens[:, start:stop]
-            if state is None:
-                got, state, selections = session.trace_prefill(piece)
-            else:
-                got, state, selections = session.trace_decode(piece, state)
-            queries: dict[int, torch.Tensor] = {}
-            want, eager_state = eager(piece, eager_state, select=selections, memory_inputs=queries)
-            want64 = None
-            if exact is not None:
-                want64, exact_state = exact(piece, exact_state, select=selections)
-            for j, address in selections.items():
-                checks.append(selection_check(eager.memories[j], queries[j], address, spec.dtype, f"selection.{j}", step))
-            checks.append(check("logits", step, got, want, want64))
-            for name, got_t, want_t, want64_t in _state_pairs(state, eager_state, exact_state):
-                checks.append(check(name, step, got_t, want_t, want64_t))
+    for rec in trace_steps(session, eager, tokens, prompt):
+        for j in sorted(rec.taps):
+            checks += check_selection(eager.memories[j], rec.queries[j], rec.queries64[j], rec.taps[j], dtype,
+                                      f"mem{j}", rec.step)
+        checks.append(compare_any("logits", rec.step, rec.got, rec.want, rec.want64, dtype, LOGITS_TOLERANCE))
+        checks += _state_checks(session.graphs["decode"], rec.state, rec.eager_state, rec.exact_state, dtype, rec.step)
     return checks
+
+
+def build_warnings(build_dir: str | Path) -> list[str]:
+    """What a user should know about a build that does not make it fail: files the manifest does not list
+    (never loaded)."""
+    build = read_build(build_dir)
+    extra = unlisted_files(build.path, build.manifest)
+    return [f"{len(extra)} file(s) in the build are not in its manifest and are ignored: {', '.join(extra[:5])}"] if extra else []
 
 
 # ---------------------------------------------------------------- single layers (golden files)
@@ -246,38 +358,151 @@ def _read_golden(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise VerifyError(f"{path}: no 'config' metadata (a golden file carries its layer config as JSON)")
     try:
         config = json.loads(metadata["config"])
-        official_memory_spec(config)
     except ValueError as exc:
-        raise VerifyError(f"{path}: bad config metadata: {exc}") from None
+        raise VerifyError(f"{path}: config metadata is not JSON: {exc}") from None
     missing = [k for k in ("input", "expected_output", "expected_indices") if k not in tensors]
     if missing:
         raise VerifyError(f"{path}: missing tensors {', '.join(missing)}")
     return tensors, config
 
 
+def run_layer(graph, weights: Mapping[str, torch.Tensor], x: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
+    """A single-layer graph on x (B, T, D) through a backend: every named output."""
+    check_weights({"layer": graph}, weights)
+    feeds = {"x": x}
+    sizes = check_feeds(graph, feeds)
+    return lookup_backend(backend)({"layer": graph}, weights).run("layer", feeds, sizes)
+
+
 def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, ...] = PIPELINE) -> list[Check]:
     """Compile the layer a golden file describes through ``passes``, run its input, compare with its expectations."""
-    if backend != "graph":
-        raise VerifyError(f"unknown backend {backend!r} (allowed: graph)")
-    tensors, config = _read_golden(Path(path))
-    mem = official_memory_spec(config)
-    graph = lower_layer(mem, int(config["hidden_size"]))
-    graph = run_pipeline(graph, passes)[-1].graph if passes else graph
+    path = Path(path)
+    tensors, config = _read_golden(path)
     try:
+        mem = official_memory_spec(config, source=str(path))
         layer = memory_layer_from_official(tensors, config).layer
     except ValueError as exc:
-        raise VerifyError(f"{path}: {exc}") from None
+        raise VerifyError(str(exc) if isinstance(exc, SpecError) else f"{path}: {exc}") from None
+    graph = lower_layer(mem, int(config["hidden_size"]))
+    graph = run_pipeline(graph, passes)[-1].graph if passes else graph
     x = tensors["input"]
     flat = x.reshape(1, -1, x.shape[-1])
-    out = execute(graph, bind(graph, tensors), {"x": flat})
+    out = run_layer(graph, tensors, flat, backend)
+    taps = {tap.stage: out[tap.output] for tap in graph.taps}
     got_output = out["out"].reshape(-1, x.shape[-1])
-    got_address = out["address"].reshape(got_output.shape[0], -1)
-    expected = tensors["expected_output"].reshape(-1, x.shape[-1])
-    checks = tie_aware_layer_check(layer, flat[0], got_address, got_output)
-    got_sets = got_address.view(-1, mem.heads, mem.topm).flatten(0, 1).tolist()
-    want_sets = tensors["expected_indices"].view(-1, mem.heads, mem.topm).flatten(0, 1).tolist()
+    queries = flat[0]
+    checks = check_selection(layer, queries, queries.double(), taps, "float32", "mem0", tolerance=LAYER_TOLERANCE)
+    address = taps["grid"].reshape(queries.shape[0], -1)
+    with torch.no_grad():
+        checks.append(compare("output", "vs oracle with this selection", got_output, layer.output_at(queries, address),
+                              LAYER_TOLERANCE))
+    got_sets = taps["grid"].reshape(-1, mem.topm).tolist()
+    want_sets = tensors["expected_indices"].reshape(-1, mem.topm).tolist()
     exact = [set(a) == set(b) for a, b in zip(got_sets, want_sets)]
     checks.append(Check("indices vs golden", "", float(exact.count(False)), 0.0, 0.0, all(exact),
                         f"{exact.count(True)}/{len(exact)} (token, head) sets equal to the authors'"))
-    checks.append(compare("output vs golden", "", got_output, expected, LAYER_TOLERANCE))
+    checks.append(compare("output vs golden", "", got_output, tensors["expected_output"].reshape(-1, x.shape[-1]),
+                          LAYER_TOLERANCE))
+    return checks
+
+
+# ---------------------------------------------------------------- slices (models too big to verify whole)
+
+
+def _slice_weights(build, module, prefix: str) -> dict[str, torch.Tensor]:
+    """A slice's weights: from the build's weights.safetensors (only the tensors under ``prefix``) when its
+    manifest lists one, else the seeded eager module's own."""
+    if "weights.safetensors" not in build.manifest["artifacts"]:
+        return module.state_dict()
+    with safetensors.safe_open(str(build.path / "weights.safetensors"), "pt") as f:
+        tensors = {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+    module.load_state_dict(tensors)
+    return module.state_dict()
+
+
+def _run_slice(graphs, weights, backend: str, kind: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    check_weights(graphs, weights)
+    sizes = check_feeds(graphs[kind], feeds)
+    return lookup_backend(backend)(graphs, weights).run(kind, feeds, sizes)
+
+
+def verify_unit_slice(build, unit: int, backend: str, seed: int, batch: int, prompt: int) -> list[Check]:
+    """Memory unit ``unit`` alone: the build's memory-layer graph (lowered and optimized with the build's
+    passes) against the eager layer with the same weights, on random inputs of the spec's dtype."""
+    spec = build.spec
+    unit_cost = spec_cost(spec).units[unit]
+    require_memory((unit_cost.dense_params + unit_cost.value_params) * BY_SPEC[spec.dtype].itemsize
+                   + shuffle_elements(spec.memory) * 8, f"umc verify {spec.name} --units {unit}")
+    graph = lower_layer(spec.memory, spec.model.d_model, spec.dtype)
+    graph = run_pipeline(graph, tuple(build.manifest["passes"]))[-1].graph if build.manifest["passes"] else graph
+    layer = build_memory_layer(spec, unit, seed)
+    weights = _slice_weights(build, layer, f"memories.{unit}.")
+    gen = torch.Generator().manual_seed(seed + 1 + unit)
+    x = torch.randn(batch, prompt, spec.model.d_model, generator=gen).to(torch_dtype(spec.dtype))
+    out = _run_slice({"layer": graph}, weights, backend, "layer", {"x": x})
+    taps = {tap.stage: out[tap.output] for tap in graph.taps}
+    queries, queries64 = [], []
+    with torch.no_grad():
+        select = taps["grid"].flatten(2)
+        want, _ = layer(x, select=select, record=queries)
+        want64, _ = layer(x.double(), select=select, record=queries64)
+    name, step = f"mem{unit}", "slice"
+    checks = check_selection(layer, queries[0], queries64[0], taps, spec.dtype, name, step)
+    checks.append(compare_any(f"{name}.output", step, out["out"], want, want64, spec.dtype, LOGITS_TOLERANCE))
+    return checks
+
+
+def verify_block_slice(build, block: int, backend: str, seed: int, steps: int, batch: int, prompt: int) -> list[Check]:
+    """Block ``block`` alone: its prefill and decode graphs (lowered and optimized with the build's passes)
+    against the eager block with the same weights, over a random prompt and ``steps`` decode steps."""
+    spec = build.spec
+    passes = tuple(build.manifest["passes"])
+    graphs = {kind: run_pipeline(g, passes)[-1].graph if passes else g
+              for kind, g in lower_block_slice(spec, block).items()}
+    module = build_block(spec, block, seed)
+    weights = _slice_weights(build, module, f"blocks.{block}.")
+    check_weights(graphs, weights)
+    runner = lookup_backend(backend)(graphs, weights)
+    gen = torch.Generator().manual_seed(seed + 1000 + block)
+    dtype = torch_dtype(spec.dtype)
+    inputs = torch.randn(batch, prompt + steps, spec.model.d_model, generator=gen).to(dtype)
+    checks, past, past_eager, past64 = [], None, None, None
+    with torch.no_grad():
+        for start in [0] + list(range(prompt, prompt + steps)):
+            x = inputs[:, start:prompt if start == 0 else start + 1]
+            kind = "prefill" if past is None else "decode"
+            feeds = {"x": x} if past is None else {"x": x, "past_k": past[0], "past_v": past[1]}
+            out = runner.run(kind, feeds, check_feeds(graphs[kind], feeds))
+            want, _, past_eager = module(x, past_eager, start)
+            want64, _, past64 = module(x.double(), past64, start)
+            step = f"block{block} {kind}" + ("" if past is None else f" {start - prompt + 1}")
+            checks.append(compare_any(f"block{block}.x", step, out["x"], want, want64, spec.dtype, LOGITS_TOLERANCE))
+            for index, side in enumerate("kv"):
+                checks.append(compare_any(f"block{block}.{side}", step, out[f"present_{side}"], past_eager[index],
+                                          past64[index], spec.dtype, LOGITS_TOLERANCE))
+            past = (out["present_k"], out["present_v"])
+    return checks
+
+
+def verify_slices(build_dir: str | Path, units: tuple[int, ...] | str, blocks: tuple[int, ...] | str,
+                  backend: str = "graph", seed: int | None = None, steps: int = 8, batch: int = 2,
+                  prompt: int = 8) -> list[Check]:
+    """Memory units and blocks (indices, or "all") one at a time, each slice's weights alone in memory: for
+    models too big to verify whole. Units run a prompt (no decode-time conv state); blocks a prompt and
+    ``steps`` decode steps."""
+    build = read_build(build_dir)
+    seed = build.spec.seed if seed is None else seed
+    units = tuple(range(len(build.spec.memory.units))) if units == "all" else units
+    blocks = tuple(range(build.spec.model.n_layers)) if blocks == "all" else blocks
+    if prompt + steps > build.spec.model.max_seq_len:
+        raise VerifyError(f"prompt + steps = {prompt + steps} exceeds the spec's max_seq_len {build.spec.model.max_seq_len}")
+    for what, chosen, count in (("unit", units, len(build.spec.memory.units)), ("block", blocks, build.spec.model.n_layers)):
+        bad = [i for i in chosen if not 0 <= i < count]
+        if bad:
+            raise VerifyError(f"{what} {bad[0]} does not exist (the spec has {count}: 0..{count - 1})")
+    checks = []
+    for unit in units:
+        checks += verify_unit_slice(build, unit, backend, seed, batch, prompt)
+    for block in blocks:
+        checks += verify_block_slice(build, block, backend, seed, steps, batch, prompt)
     return checks

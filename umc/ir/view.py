@@ -19,7 +19,7 @@ def to_networkx(graph: Graph) -> nx.MultiDiGraph:
         g.add_node(("param", v.name), label=v.name)
     for k, node in enumerate(graph.all_nodes()):
         key = ("node", k)
-        g.add_node(key, label=node.op, scope=node.scope, stream=node.stream, init=k < len(graph.init_nodes))
+        g.add_node(key, label=node.op, scope=str(node.scope), stream=node.stream, init=k < len(graph.init_nodes))
         for v in node.outputs:
             source[v.id] = key
         for operand, v in enumerate(node.inputs):

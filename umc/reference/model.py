@@ -3,6 +3,10 @@
 ``model(tokens, state=None) -> (logits, state)``: with no state the tokens are a
 prompt; with a state they continue it (one or more tokens per call). Decoding
 token by token gives the same logits as one full-sequence forward.
+
+Every module computes in the dtype of its activations and casts its weights where it
+uses them: ``model(tokens, compute_dtype=torch.float64)`` runs a bfloat16 model in
+float64 (the verification oracle) without a float64 copy of its weights.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umc.reference.memory import MemoryLayer
+from umc.reference.memory import LayerNorm, Linear, MemoryLayer
 from umc.spec import ModelSpec, Spec
 
 
@@ -36,15 +40,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize over the last dim."""
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        """Normalize over the last dim, in x's dtype."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
 
 
 def make_norm(model: ModelSpec) -> nn.Module:
     """The spec's norm over d_model (RMSNorm, or LayerNorm with bias)."""
     if model.norm == "rmsnorm":
         return RMSNorm(model.d_model, model.norm_eps)
-    return nn.LayerNorm(model.d_model, eps=model.norm_eps)
+    return LayerNorm(model.d_model, eps=model.norm_eps)
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -64,10 +68,10 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = model
         hd = model.head_dim
-        self.q_proj = nn.Linear(model.d_model, model.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(model.d_model, model.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(model.d_model, model.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(model.n_heads * hd, model.d_model, bias=False)
+        self.q_proj = Linear(model.d_model, model.n_heads * hd, bias=False)
+        self.k_proj = Linear(model.d_model, model.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(model.d_model, model.n_kv_heads * hd, bias=False)
+        self.o_proj = Linear(model.n_heads * hd, model.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, start: int):
         """x (B, T, D) at positions start..start+T-1 -> (out, (k, v) including x's)."""
@@ -96,9 +100,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.kind = model.ffn
         if model.ffn == "swiglu":
-            self.gate_proj = nn.Linear(model.d_model, model.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(model.d_model, model.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(model.ffn_hidden, model.d_model, bias=False)
+            self.gate_proj = Linear(model.d_model, model.ffn_hidden, bias=False)
+        self.up_proj = Linear(model.d_model, model.ffn_hidden, bias=False)
+        self.down_proj = Linear(model.ffn_hidden, model.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Position-wise MLP."""
@@ -137,21 +141,24 @@ class MemoryLM(nn.Module):
         self.memories = nn.ModuleList(MemoryLayer(spec.memory, model.d_model) for _ in spec.memory.units)
         self.norm = make_norm(model)
         if not model.tie_embeddings:
-            self.lm_head = nn.Linear(model.d_model, model.vocab_size, bias=False)
+            self.lm_head = Linear(model.d_model, model.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, state: DecodeState | None = None,
                 select: Mapping[int, torch.Tensor] | None = None,
-                memory_inputs: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, DecodeState]:
+                memory_inputs: dict[int, torch.Tensor] | None = None,
+                compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, DecodeState]:
         """tokens (B, T) int64 -> logits (B, T, vocab) and the state after these tokens.
 
         For verification: ``select`` maps a unit index to grid addresses (B, T, H*m) it must use
-        (see MemoryLayer.forward); ``memory_inputs`` is filled with each unit's query input.
+        (see MemoryLayer.forward); ``memory_inputs`` is filled with each unit's query input;
+        ``compute_dtype`` (default: the weights' dtype) is the dtype of every activation, logits
+        and returned state included; a state passed in must be in that dtype too.
         """
         units = self.spec.memory.units
         start = 0 if state is None else state.length
         if start + tokens.shape[1] > self.spec.model.max_seq_len:
             raise ValueError(f"sequence length {start + tokens.shape[1]} exceeds max_seq_len {self.spec.model.max_seq_len}")
-        x = self.embed(tokens)
+        x = self.embed(tokens).to(compute_dtype or self.embed.weight.dtype)  # gather rows, then cast them
         read_inputs: dict[int, torch.Tensor] = {}
         kv, conv = [], [None] * len(units)
         for i, block in enumerate(self.blocks):
@@ -168,5 +175,5 @@ class MemoryLM(nn.Module):
                         memory_inputs[j] = record[0]
                     x = x + out
         x = self.norm(x)
-        logits = x @ self.embed.weight.T if self.spec.model.tie_embeddings else self.lm_head(x)
+        logits = x @ self.embed.weight.to(x.dtype).T if self.spec.model.tie_embeddings else self.lm_head(x)
         return logits, DecodeState(start + tokens.shape[1], tuple(kv), tuple(conv))

@@ -1,0 +1,81 @@
+"""The backend registry: one module per backend in this package, each registering one class.
+
+A backend says its name, whether it can run here (and why not), and how to run a graph:
+it is constructed with the graphs of a build (``prefill``/``decode``, or one ``layer``) and
+their weights, binds the weights once, and ``run(kind, feeds, sizes)`` returns every named
+output of that graph. Everything else — input, token and state checks, state bookkeeping,
+selection taps, verification — lives in the session and the verifier, so adding a backend is
+adding one module here (and its tests). Modules are discovered by name; nothing lists them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Mapping
+
+import torch
+
+from umc.ir.core import Graph
+
+
+class BackendError(ValueError):
+    """An unknown backend name, or a backend that cannot run on this machine (a user-level problem)."""
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and implement ``run``; ``unavailable`` explains why not here."""
+
+    name = ""
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """None when the backend can run on this machine, else the reason it cannot."""
+        return None
+
+    def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True):
+        self.graphs = dict(graphs)
+        self.threads = threads
+
+    def run(self, kind: str, feeds: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
+            force: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run graph ``kind`` on checked inputs (``sizes`` binds its symbolic dims); every named output.
+
+        ``force`` maps tap outputs to selections the graph must use instead of its own (backends that
+        cannot force raise BackendError; only verification of passes needs it).
+        """
+        raise NotImplementedError
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` available under ``cls.name`` (once)."""
+    if not cls.name or cls.name in BACKENDS:
+        raise ValueError(f"backend name {cls.name!r} is empty or registered twice")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def list_backends() -> dict[str, str | None]:
+    """Every registered backend -> None if it runs here, else why not."""
+    return {name: cls.unavailable() for name, cls in sorted(BACKENDS.items())}
+
+
+def lookup_backend(name: str) -> type[Backend]:
+    """The backend class called ``name``; BackendError if unknown or unavailable here, listing the choices."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r} (available: {', '.join(n for n, r in list_backends().items() if r is None)})")
+    reason = BACKENDS[name].unavailable()
+    if reason is not None:
+        raise BackendError(f"backend {name!r} cannot run here: {reason}")
+    return BACKENDS[name]
+
+
+_discover()
