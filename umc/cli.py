@@ -255,6 +255,9 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, f
         click.echo(f"{build.spec.name}: passes {', '.join(build.passes) or '(none)'}; "
                    f"prefill {len(build.graphs['prefill'].nodes)} nodes, decode {len(build.graphs['decode'].nodes)} nodes; "
                    f"decode FLOPs/token {human(final['initial']['flops'])} -> {human(final['final']['flops'])}")
+        from umc.compiler import memory_line
+
+        click.echo(memory_line(build.report["memory"]))
 
 
 def _indices(text: str | None, name: str) -> tuple[int, ...] | str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from umc import __version__
-from umc.cost import spec_cost
+from umc.cost import memory_needs, spec_cost
 from umc.ir.core import Graph
 from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
@@ -31,6 +31,7 @@ from umc.dtypes import BY_IR
 from umc.fsutil import exclusive_lock, rename_noreplace
 from umc.manifest import BUILD_FORMAT, BuildDirError, file_sha256, parse_manifest, present_files, unlisted_files
 from umc.passes import PIPELINE, PASSES, PassResult, apply_pass
+from umc.resources import format_bytes
 from umc.report import BATCHES, decode_cost, node_count
 from umc.spec import Spec, load_spec
 
@@ -105,13 +106,20 @@ def _report(spec: Spec, initial: dict[str, Graph], results: dict[str, list[PassR
         }
         passes.append(entry)
     return {
-        "spec": spec.name, "dtype": spec.dtype,
+        "spec": spec.name, "dtype": spec.dtype, "memory": memory_needs(spec).to_dict(),
         "params": {"total": cost.params_total, "dense": cost.params_dense, "values": cost.params_values},
         "units": units,
         "passes": passes,
         "decode_cost_batch1": {"initial": decode_cost(initial["decode"])[0].to_dict(),
                                "final": decode_cost(final_decode)[0].to_dict()},
     }
+
+
+def memory_line(memory: dict) -> str:
+    """What a run needs, in one sentence: weights, KV cache and prefill working set at max_seq_len, batch 1."""
+    return (f"Memory: {format_bytes(memory['weight_bytes'])} of weights, {format_bytes(memory['kv_cache_bytes'])} of KV "
+            f"cache at max_seq_len {memory['seq_len']} (batch {memory['batch']}), "
+            f"{format_bytes(memory['prefill_bytes'])} working set of a full prefill.")
 
 
 def markdown_text(text: str) -> str:
@@ -131,6 +139,7 @@ def report_markdown(report: dict) -> str:
     p = report["params"]
     lines = [f"# umc build report: {markdown_text(report['spec'])} ({report['dtype']})", "",
              f"Parameters: {_fmt(p['total'])} total, {_fmt(p['dense'])} dense, {_fmt(p['values'])} value tables.", "",
+             memory_line(report["memory"]), "",
              "## Memory units (decode, per token)", "",
              "| unit | dense params | value params | batch | FLOPs | weight bytes | value-row bytes |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -47,7 +47,8 @@ class Program:
         self.producer = {v.id: (i, k) for i, n in enumerate(graph.nodes) for k, v in enumerate(n.outputs)}
 
     def _free_plan(self) -> list[tuple[int, ...]]:
-        """Per node, the values no later node of any stream reads (kept: outputs, weights, cross-stream values)."""
+        """Per node, the values no later node reads: freed after it (kept: outputs, weights, values read on another
+        stream than the one that made them, which a branch may still need)."""
         graph = self.graph
         kept = {v.id for v in graph.outputs} | {v.id for v in graph.params} | {v.id for n in graph.init_nodes for v in n.outputs}
         streams: dict[int, set[int]] = {}
@@ -59,6 +60,7 @@ class Program:
         for i, node in enumerate(graph.nodes):
             for v in node.outputs:
                 streams.setdefault(v.id, set()).add(node.stream)
+                last.setdefault(v.id, i)  # an output nothing reads goes right after its node
         plan: list[list[int]] = [[] for _ in graph.nodes]
         for value_id, i in last.items():
             if value_id not in kept and len(streams[value_id]) == 1:
