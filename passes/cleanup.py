@@ -36,10 +36,10 @@ def cleanup(graph: Graph) -> tuple[Graph, list[str]]:
             continue
         seen[key] = editor.keep(node).outputs
     result = editor.finish()
+    removed = len(graph.nodes) + len(graph.init_nodes) - len(result.nodes) - len(result.init_nodes) - merged
     widened = 0
     if any(v.type.dtype in LOW_PRECISION for n in result.init_nodes for v in n.outputs):
         result, widened = fold_in_float32(result)
-    removed = len(graph.nodes) + len(graph.init_nodes) - len(result.nodes) - len(result.init_nodes) - merged
     notes = []
     if hoisted:
         notes.append(f"moved {hoisted} weight-only nodes to load time")

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from umc.ir.core import Graph, Node, Value
+from umc.ir.core import Graph, IRError, Node, Value
 from umc.passes.editor import Editor
 
 MAX_ROUNDS = 8
@@ -74,6 +74,9 @@ def apply_rules(graph: Graph, rules: tuple[Rule, ...]) -> tuple[Graph, list[str]
         graph, changed = _one_round(graph, rules, applied, misses)
         if not changed:
             break
+    else:
+        raise IRError(f"rules {', '.join(r.name for r in rules)} still rewrite after {MAX_ROUNDS} rounds: "
+                      "a rule matches its own replacement")
     notes = [f"{rule.note} (x{applied[rule.name]})" if applied[rule.name] > 1 else rule.note
              for rule in rules if applied[rule.name]]
     for name, reasons in misses.items():

@@ -31,6 +31,14 @@ def _units(graph: Graph) -> tuple[dict[int, list[Node]], dict[int, Node]]:
     return {j: nodes for j, nodes in branches.items() if j in joins}, joins
 
 
+def overlap_note(units: tuple, j: int) -> str:
+    """What unit j overlaps, from the graph's meta (read, write) pairs when it has them."""
+    if j >= len(units):
+        return ""
+    read, write = units[j]
+    return f"; overlaps blocks {read + 1}..{write}" if write > read else "; overlaps the FFN of its block"
+
+
 def skip_layer_overlap(graph: Graph) -> tuple[Graph, list[str]]:
     """Fork each memory unit's subgraph onto stream unit+1 and join it at its residual add."""
     if any(n.stream for n in graph.nodes):
@@ -67,8 +75,6 @@ def skip_layer_overlap(graph: Graph) -> tuple[Graph, list[str]]:
                 for inner in branches[j]:
                     inputs = tuple(start if v.id == source.id else v for v in inner.inputs)
                     editor.keep(replace(inner, inputs=inputs, stream=stream))
-                read, write = units[j]
-                overlap = f"blocks {read + 1}..{write}" if write > read else "the FFN of its block"
                 notes.append(f"mem{j} on stream {stream} ({len(branches[j]) + 1} nodes): forked after {node.scope}, "
-                             f"joined at its residual add; overlaps {overlap}")
+                             f"joined at its residual add{overlap_note(units, j)}")
     return editor.finish(), notes

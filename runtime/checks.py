@@ -16,6 +16,7 @@ from umc.dtypes import torch_dtype
 from umc.ir.core import Graph
 from umc.ir.dims import bind
 from umc.ir.ops import lookup
+from umc.numerics import non_finite_count
 
 
 class InputError(ValueError):
@@ -74,13 +75,6 @@ def check_feeds(graph: Graph, feeds: Mapping[str, torch.Tensor]) -> dict[str, in
     return sizes
 
 
-def count_non_finite(tensor: torch.Tensor) -> int:
-    """How many NaN/Inf values a tensor holds (0 for integer tensors)."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
-        return 0
-    return int((~torch.isfinite(tensor)).sum())
-
-
 def check_weights(graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor]) -> None:
     """Every parameter the graphs read: present, right shape and dtype, finite, and meeting the value
     constraints of the ops that read it (BindError naming the tensor)."""
@@ -95,7 +89,7 @@ def check_weights(graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tenso
             tensor = weights[p.name]
             if tuple(tensor.shape) != tuple(p.type.shape) or tensor.dtype != torch_dtype(p.type.dtype):
                 raise BindError(f"weight {p.name} is {tensor.dtype}{list(tensor.shape)}, the graph needs {p.type}")
-            bad = count_non_finite(tensor)
+            bad = non_finite_count(tensor)
             if bad:
                 raise BindError(f"weight {p.name} has {bad} non-finite values (NaN or Inf)")
             checked.add(p.name)

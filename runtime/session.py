@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from umc.ir.core import Graph, IRError
+from umc.ir.core import TAP_STAGES, Graph, IRError
 from umc.ir.serialize import graph_from_json
 from umc.manifest import BuildDirError, read_manifest
 from umc.runtime.backends import lookup_backend
@@ -56,9 +56,29 @@ def read_build(build_dir: str | Path) -> BuildFiles:
         path = build_dir / "graphs" / f"{kind}.json"
         try:
             graphs[kind] = graph_from_json(json.loads(path.read_text()))
+            check_ports(graphs[kind], spec, decode=kind == "decode")
         except (ValueError, IRError) as exc:
             raise BuildDirError(f"{path}: not a valid umc graph: {exc}") from None
     return BuildFiles(build_dir, manifest, spec, graphs)
+
+
+def check_ports(graph: Graph, spec: Spec, decode: bool) -> None:
+    """IRError unless the graph declares what its spec implies: tokens in, logits out, every memory unit's five
+    taps, and KV state for every block (read back in decode graphs) plus conv state for every unit with one."""
+    names = {v.name for v in graph.inputs}
+    if "tokens" not in names or "logits" not in {v.name for v in graph.outputs}:
+        raise IRError("the graph does not take tokens and give logits")
+    units = len(spec.memory.units)
+    taps = {(t.unit, t.stage) for t in graph.taps}
+    wanted = {(j, stage) for j in range(units) for stage in TAP_STAGES}
+    if taps != wanted:
+        raise IRError(f"the graph's selection taps do not match the spec's {units} memory units")
+    conv = units if spec.memory.query_conv and spec.memory.query_conv > 1 else 0
+    slots = {(s.kind, s.index, s.input is not None) for s in graph.state}
+    expected = {(kind, i, decode) for i in range(spec.model.n_layers) for kind in ("kv_k", "kv_v")}
+    expected |= {("conv", j, decode) for j in range(conv)}
+    if slots != expected:
+        raise IRError("the graph's state slots do not match the spec's blocks and memory units")
 
 
 def _taps(graph: Graph, outputs: dict[str, torch.Tensor]) -> Taps:

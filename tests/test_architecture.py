@@ -19,7 +19,7 @@ PACKAGES = {ROOT / "umc": "umc", ROOT / "passes": "umc.passes", ROOT / "kernels"
             ROOT / "runtime": "umc.runtime"}
 REFERENCE = "umc.reference"
 BRIDGES = ("umc.verify", "umc.cli")  # may import both sides
-NEUTRAL = ("umc", "umc.spec", "umc.cost", "umc.dtypes", "umc.official", "umc.resources")  # shared by both sides
+NEUTRAL = ("umc", "umc.spec", "umc.cost", "umc.dtypes", "umc.numerics", "umc.official", "umc.resources")  # shared by both sides
 
 
 def module_name(path: Path) -> str:
@@ -152,3 +152,12 @@ print(json.dumps(sorted(sys.modules)))
     assert "umc.reference.model" in loaded
     compiler = set(compiler_modules()) | set(BRIDGES)
     assert not [m for m in loaded if m in compiler]
+
+
+def test_every_package_is_installed():
+    """A normal (non-editable) install ships every package: pyproject lists each folder holding __init__.py."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {module_name(init) for folder in PACKAGES for init in folder.rglob("__init__.py")}
+    assert present == listed, (present - listed, listed - present)

@@ -139,14 +139,18 @@ def test_write_new_file_keeps_a_file_that_appears_at_the_last_instant(tmp_path, 
 # --- compile: check and act in one step -------------------------------------------------------
 
 
-def test_directory_appearing_mid_compile_is_refused_and_kept(tmp_path, monkeypatch):
-    out = tmp_path / "b"
-
-    def user_creates_it():
+def user_creates(out):
+    """A step that makes ``out`` a directory holding a user's file."""
+    def create():
         out.mkdir()
         (out / "mine.txt").write_text("user file")
 
-    monkeypatch.setattr(umc.compiler, "lower", lower_then(user_creates_it))
+    return create
+
+
+def test_directory_appearing_mid_compile_is_refused_and_kept(tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    monkeypatch.setattr(umc.compiler, "lower", lower_then(user_creates(out)))
     with pytest.raises(BuildError, match=r"b exists \(use --force"):
         umc.compile(TINY, out)
     assert files_of(out) == {"mine.txt": b"user file"}
@@ -163,12 +167,7 @@ def test_empty_directory_appearing_mid_compile_is_refused(tmp_path, monkeypatch)
 
 def test_forced_compile_rechecks_a_directory_that_appeared(tmp_path, monkeypatch):
     out = tmp_path / "b"
-
-    def user_creates_it():
-        out.mkdir()
-        (out / "mine.txt").write_text("user file")
-
-    monkeypatch.setattr(umc.compiler, "lower", lower_then(user_creates_it))
+    monkeypatch.setattr(umc.compiler, "lower", lower_then(user_creates(out)))
     with pytest.raises(BuildError, match="is not a umc build directory"):
         umc.compile(TINY, out, force=True)
     assert files_of(out) == {"mine.txt": b"user file"}

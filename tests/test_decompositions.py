@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SPECS
-from graph_inputs import random_inputs, run_graph
+from graph_inputs import assert_outputs_close, random_inputs, run_graph
 from umc.dtypes import torch_dtype
 from umc.ir.builder import GraphBuilder
 from umc.ir.core import IRError, TensorType
@@ -159,9 +159,8 @@ def test_every_decomposed_op_appears_in_some_graph():
     assert {"gather_pool", "norm_conv_query_proj", "conv_query_proj", "gathered_rank_scores", "key_scores"} <= set(DECOMPOSED)
 
 
-@pytest.mark.parametrize("op", DECOMPOSED)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_implementation_equals_decomposition(op, dtype):
+def check_op(op: str, dtype: str) -> None:
+    """The op's torch implementation against its decomposition on every example instance; AssertionError if not."""
     low = "bf16" if dtype == "bfloat16" else "f32"
     for n, (types, attrs) in enumerate(EXAMPLES[op]):
         types = as_dtype(types, low)
@@ -185,6 +184,34 @@ def test_implementation_equals_decomposition(op, dtype):
         assert_close(op, pick(got), pick(want), pick(exact), tolerance)
 
 
+@pytest.mark.parametrize("op", DECOMPOSED)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_implementation_equals_decomposition(op, dtype):
+    check_op(op, dtype)
+
+
+def test_a_wrong_decomposition_is_caught(monkeypatch):
+    """The comparison can fail: a gather_pool decomposition that forgets the core scaling, or a grid_select one
+    whose addresses are off by one, is caught by the same check."""
+    def unscaled(b, ins, attrs):
+        table, row, block, scores = ins
+        pooled = b.one("scatter_blocks", b.one("gather_values", table, row), block, E=attrs["E"])
+        return (b.one("reshape", pooled, shape=(*row.type.shape[:2], attrs["E"] * table.type.shape[1])),)
+
+    def next_best(b, ins, attrs):
+        address, scores = HONEST_GRID_SELECT(b, ins, attrs)
+        return b.one("add_scalar", address, value=1), scores
+
+    for op, wrong in (("gather_pool", unscaled), ("grid_select", next_best)):
+        monkeypatch.setitem(OPS, op, dataclasses.replace(OPS[op], decompose=wrong))
+        for dtype in ("float32", "bfloat16"):
+            with pytest.raises(AssertionError):
+                check_op(op, dtype)
+
+
+HONEST_GRID_SELECT = OPS["grid_select"].decompose
+
+
 @pytest.mark.parametrize("name", ["ultramem-tiny", "pkm-tiny"])
 def test_optimized_graph_expanded_to_primitives_computes_the_same(name):
     spec = load_spec(SPECS / f"{name}.yaml")
@@ -194,10 +221,7 @@ def test_optimized_graph_expanded_to_primitives_computes_the_same(name):
         primitive = expand(optimized)
         assert all(OPS[n.op].primitive for n in primitive.all_nodes())
         feeds = random_inputs(optimized, spec.model.vocab_size)
-        want, got = run_graph(optimized, weights, feeds), run_graph(primitive, weights, feeds)
-        for output in want:
-            scale = max(want[output].double().abs().max().item(), 1e-30)
-            assert (got[output].double() - want[output].double()).abs().max().item() <= 1e-5 * scale, output
+        assert_outputs_close(run_graph(optimized, weights, feeds), run_graph(primitive, weights, feeds))
 
 
 def test_every_op_has_one_torch_implementation_and_selections_can_be_forced():
@@ -207,14 +231,3 @@ def test_every_op_has_one_torch_implementation_and_selections_can_be_forced():
         impl("gather_pool")(lambda attrs, *xs: xs)
     with pytest.raises(IRError, match="two decompositions"):
         decomposition("gather_pool")(lambda b, ins, attrs: ins)
-
-
-def test_a_wrong_decomposition_is_caught():
-    """The comparison can fail: a gather_pool decomposition that drops the core scaling differs."""
-    types, attrs = EXAMPLES["gather_pool"][0]
-    inputs = sample_inputs("gather_pool", types, dict(attrs), seed=0)
-    got = run_impl("gather_pool", attrs, inputs)
-    inputs[3] = torch.ones_like(inputs[3])
-    wrong = run_decomposition("gather_pool", types, attrs, inputs)
-    with pytest.raises(AssertionError):
-        assert_close("gather_pool", got, wrong, wrong, 1e-5)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import umc
 from conftest import GOLDEN, SPECS
@@ -35,6 +35,18 @@ def relist(build, name):
     manifest = json.loads((build / "manifest.json").read_text())
     manifest["artifacts"][name] = hashlib.sha256((build / name).read_bytes()).hexdigest()
     (build / "manifest.json").write_text(json.dumps(manifest))
+
+
+def forged(tmp_path, forge, kinds=("decode",)):
+    """A fresh build whose graph JSON of each of ``kinds`` was edited by ``forge`` and re-hashed into its manifest."""
+    build = umc.compile(TINY, tmp_path / "b").path
+    for kind in kinds:
+        path = build / "graphs" / f"{kind}.json"
+        graph = json.loads(path.read_text())
+        forge(graph)
+        path.write_text(json.dumps(graph))
+        relist(build, f"graphs/{kind}.json")
+    return build
 
 
 # ---------------------------------------------------------------- silent wrong results
@@ -126,12 +138,7 @@ def test_weights_the_manifest_does_not_list_are_never_loaded(tmp_path):
     (lambda g: g["nodes"][0].update(attrs=[["axis", "all"]]), "unknown attribute axis"),
 ])
 def test_forged_graphs_are_one_clear_error(tmp_path, forge, message):
-    build = umc.compile(TINY, tmp_path / "b").path
-    path = build / "graphs" / "decode.json"
-    graph = json.loads(path.read_text())
-    forge(graph)
-    path.write_text(json.dumps(graph))
-    relist(build, "graphs/decode.json")
+    build = forged(tmp_path, forge)
     with pytest.raises(BuildDirError, match=message):
         load(build, weights=build_model(umc.load_spec(TINY)).state_dict())
     result = CliRunner().invoke(main, ["verify", str(build), "--steps", "1"])
@@ -153,6 +160,7 @@ def crash(*args, **kwargs):
     (["verify-golden", "{golden}"], "umc.verify.lower_layer"),
 ])
 def test_internal_errors_exit_3_with_one_line_and_a_traceback_file(tmp_path, tiny_build, monkeypatch, command, target):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # crash reports go to the temporary directory
     module, _, name = target.rpartition(".")
     monkeypatch.setattr(__import__(module, fromlist=[name]), name, crash)
     args = [a.format(tmp=tmp_path, build=tiny_build, golden=sorted(GOLDEN.glob("*.safetensors"))[0]) for a in command]
@@ -160,7 +168,8 @@ def test_internal_errors_exit_3_with_one_line_and_a_traceback_file(tmp_path, tin
     assert result.exit_code == 3, result.output
     line = [l for l in result.output.splitlines() if l.startswith("internal error")][0]
     assert "RuntimeError: deliberate bug; traceback in " in line and "Traceback" not in result.output
-    assert "deliberate bug" in open(line.rsplit("traceback in ", 1)[1]).read()
+    report = line.rsplit("traceback in ", 1)[1]
+    assert report.startswith(str(tmp_path)) and "deliberate bug" in open(report).read()
     monkeypatch.setenv("UMC_DEBUG", "1")
     assert "Traceback" in CliRunner().invoke(main, args).output
 
@@ -212,7 +221,8 @@ def test_runs_that_cannot_fit_are_refused_up_front(tiny_build, monkeypatch):
         assert result.exit_code == 2 and "needs about" in result.output and "this machine has 1.0 kB available" in result.output
 
 
-def test_the_largest_spec_is_refused_whole_and_says_how(tmp_path):
+def test_the_largest_spec_is_refused_whole_and_says_how(tmp_path, monkeypatch):
+    monkeypatch.setattr("umc.resources.available_memory", lambda: 24 * 2**30)  # this machine kind: 24 GiB
     build = umc.compile(SPECS / "ultramem-1.6b-x12.yaml", tmp_path / "big").path
     result = CliRunner().invoke(main, ["verify", str(build), "--steps", "1"])
     assert result.exit_code == 2 and "needs about 43" in result.output and "--units all --blocks all" in result.output
@@ -223,3 +233,51 @@ def test_slices_verify_units_and_blocks_one_at_a_time(tiny_build):
     assert result.exit_code == 0, result.output
     for name in ("mem0.selection", "mem1.output", "block0.x", "block3.v"):
         assert name in result.output
+
+
+def test_slices_check_the_builds_own_graphs(tmp_path):
+    """A build whose graphs were edited (and re-hashed) fails slice verification too: slices are cut from the
+    build's graphs, never recompiled."""
+    def large_eps(graph):
+        for node in graph["nodes"]:
+            node["attrs"] = [[key, 10.0 if key == "eps" else value] for key, value in node["attrs"]]
+
+    build = forged(tmp_path, large_eps, ("prefill", "decode"))
+    for args in (["--units", "all"], ["--blocks", "1"]):
+        result = CliRunner().invoke(main, ["verify", str(build), "--steps", "1", *args])
+        assert result.exit_code == 1, result.output
+
+
+@pytest.mark.parametrize("forge, message", [
+    (lambda g: g["nodes"][3]["attrs"].append(["eps", 10**400]), "attribute"),
+    (lambda g: g["inputs"][0].update(shape="B1"), "expected a list of dims"),
+    (lambda g: g["nodes"][0]["scope"].update(block="x"), "scope's block"),
+    (lambda g: g.update(taps=g["taps"][:-1]), "taps do not match"),
+    (lambda g: g["state"][0].update(index=99), "state slots do not match"),
+])
+def test_more_forged_graphs_are_one_clear_error(tmp_path, forge, message):
+    build = forged(tmp_path, forge, ("prefill",))
+    result = CliRunner().invoke(main, ["verify", str(build), "--steps", "1"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_symlink_or_an_unresolvable_target_is_refused(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for target, message in (("link", "is a symbolic link"), ("loop/b", "cannot resolve the path")):
+        result = CliRunner().invoke(main, ["compile", TINY, "-o", str(tmp_path / target), "--quiet"])
+        assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_golden_files_with_misshapen_expectations_are_refused(tmp_path):
+    golden = sorted(GOLDEN.glob("*.safetensors"))[0]
+    import safetensors
+
+    with safetensors.safe_open(str(golden), "pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors["expected_indices"] = tensors["expected_indices"][:0]
+    save_file(tensors, str(tmp_path / "g.safetensors"), metadata=metadata)
+    result = CliRunner().invoke(main, ["verify-golden", str(tmp_path / "g.safetensors")])
+    assert result.exit_code == 2 and "tensor expected_indices has shape [0," in result.output

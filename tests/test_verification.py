@@ -1,9 +1,10 @@
 """The verifier can fail, and fails only when it should.
 
 Injected bugs it must catch: a repeated address, the (m+1)-th candidate swapped in for the m-th (caught as often
-as rounding allows: the catch rate is reported next to its ceiling), wrong scores at the right addresses, a
-wrong additive selection, a wrong pooling kernel. Honest builds of every shipped small spec must pass in float16
-and bfloat16 for 10 seeds. Selections are judged without enumeration, however tied."""
+as rounding allows: the catch rate is reported next to two ceilings, the band's own and one computed from the
+whole eager model's rounding independently of the band), wrong scores at the right addresses, a wrong additive
+selection. Honest builds of every shipped small spec must pass in float16 and bfloat16 for 10 seeds. Selections
+are judged without enumeration, however tied."""
 
 import dataclasses
 

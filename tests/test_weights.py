@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import umc.reference.weights
+import umc.numerics
 from conftest import SPECS
 from umc.reference import (WeightsError, build_block, build_memory_layer, build_model, load_weights, rank_one_vectors,
                            save_weights)
@@ -212,6 +212,6 @@ def test_non_finite_values_are_counted_across_chunks(tiny_spec, tmp_path, monkey
     save_weights(build_model(tiny_spec), path)
     injected = {1: float("nan"), 2: float("inf"), 40: float("nan"), 1000: float("-inf")}
     write_with(path, load_file(str(path)), "memories.1.keys", injected)
-    monkeypatch.setattr(umc.reference.weights, "CHUNK", 7)
+    monkeypatch.setattr(umc.numerics, "CHUNK", 7)
     with pytest.raises(WeightsError, match=r"tensor memories\.1\.keys has 4 non-finite values"):
         load_weights(build_model(tiny_spec), path)

@@ -13,21 +13,14 @@ from pathlib import Path
 
 import click
 
-from umc.cost import MemoryNeeds, SpecCost, memory_needs, spec_cost
+from umc.cost import MemoryNeeds, SpecCost, human, memory_needs, spec_cost
 from umc.fsutil import check_new_file, safetensors_metadata, write_new_file
 from umc.resources import require_memory
 from umc.spec import INT_MAX, SpecError, load_spec
 
-# whole-model logits tolerance for decode-vs-prefill, relative to max |logit| (DESIGN.md §7)
+# `umc eager`: decoding token by token against one full-sequence forward of the same eager model, relative to
+# max |logit| (the same computation in another order: tighter than DESIGN.md §7's build-vs-eager 1e-4)
 DECODE_TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 5e-2}
-
-
-def human(count: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.2f}{unit}"
-    return f"{count:g}"
 
 
 def _user_error_types() -> tuple[type, ...]:
@@ -75,7 +68,11 @@ def user_errors(command):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - every failure gets its exit code
-            if isinstance(exc, _user_error_types()):
+            try:
+                user_mistake = isinstance(exc, _user_error_types())
+            except Exception:  # noqa: BLE001 - umc itself cannot import: a bug, whatever the first error was
+                user_mistake = False
+            if user_mistake:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(2)
             _internal_error(exc)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from umc import __version__
-from umc.cost import memory_needs, spec_cost
+from umc.cost import human, memory_needs, spec_cost
 from umc.ir.core import Graph
 from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
@@ -127,26 +127,19 @@ def markdown_text(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_[]<>|#" else c for c in text)
 
 
-def _fmt(x: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.2f}{unit}"
-    return f"{x:.0f}"
-
-
 def report_markdown(report: dict) -> str:
     """The report as a Markdown page."""
     p = report["params"]
     lines = [f"# umc build report: {markdown_text(report['spec'])} ({report['dtype']})", "",
-             f"Parameters: {_fmt(p['total'])} total, {_fmt(p['dense'])} dense, {_fmt(p['values'])} value tables.", "",
+             f"Parameters: {human(p['total'])} total, {human(p['dense'])} dense, {human(p['values'])} value tables.", "",
              memory_line(report["memory"]), "",
              "## Memory units (decode, per token)", "",
              "| unit | dense params | value params | batch | FLOPs | weight bytes | value-row bytes |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for u in report["units"]:
         for batch, c in u["per_token"].items():
-            lines.append(f"| {u['unit']} | {_fmt(u['params_dense'])} | {_fmt(u['params_values'])} | {batch} | "
-                         f"{_fmt(c['flops'])} | {_fmt(c['weight_bytes'])} | {_fmt(c['value_bytes'])} |")
+            lines.append(f"| {u['unit']} | {human(u['params_dense'])} | {human(u['params_values'])} | {batch} | "
+                         f"{human(c['flops'])} | {human(c['weight_bytes'])} | {human(c['value_bytes'])} |")
     lines += ["", "## Passes", "",
               "| pass | prefill nodes | decode nodes | decode FLOPs/token (B=1) | decode weight bytes/token (B=1) |",
               "| --- | --- | --- | --- | --- |"]
@@ -155,8 +148,8 @@ def report_markdown(report: dict) -> str:
         count = lambda c: f"{c['nodes']}+{c['init_nodes']} load-time"
         lines.append(f"| {entry['name']} | {count(pre['before'])} → {count(pre['after'])} | "
                      f"{count(dec['before'])} → {count(dec['after'])} | "
-                     f"{_fmt(cost['before']['flops'])} → {_fmt(cost['after']['flops'])} | "
-                     f"{_fmt(cost['before']['weight_bytes'])} → {_fmt(cost['after']['weight_bytes'])} |")
+                     f"{human(cost['before']['flops'])} → {human(cost['after']['flops'])} | "
+                     f"{human(cost['before']['weight_bytes'])} → {human(cost['after']['weight_bytes'])} |")
     lines += ["", "## What each pass changed", ""]
     for entry in report["passes"]:
         lines.append(f"- **{entry['name']}**: " + ("; ".join(entry["notes"]) if entry["notes"] else "nothing to do"))
@@ -215,6 +208,18 @@ def _check_weights(path: Path, graphs: dict[str, Graph]) -> None:
     if extra:
         raise BuildError(f"{path}: tensor {extra[0]} is not a parameter of the model ({len(extra)} extra in all); "
                          "the file must hold the model's parameters only")
+
+
+def _output_path(given: Path) -> Path:
+    """The absolute build path: its parent resolved, the last component kept as given, so a symbolic link at
+    the target is refused rather than followed (BuildError), as is a path that cannot be resolved."""
+    try:
+        out = given.resolve() if given.name in ("", ".", "..") else given.parent.resolve() / given.name
+    except (OSError, RuntimeError) as exc:
+        raise BuildError(f"{given}: cannot resolve the path ({exc})") from None
+    if out.is_symlink():
+        raise BuildError(f"{given} is a symbolic link; umc compile writes only to a real directory (give its target)")
+    return out
 
 
 def _check_target(out: Path) -> None:
@@ -325,7 +330,7 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
     chosen = select_passes(passes, disable)
     if dump_after not in (None, "all") and dump_after not in chosen:
         raise BuildError(f"--dump-after {dump_after!r} is not in the pipeline (allowed: all, {', '.join(chosen)})")
-    out = Path(out_dir).resolve()
+    out = _output_path(Path(out_dir))
     _check_target(out)
     if os.path.lexists(out):
         if not force:

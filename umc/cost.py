@@ -92,6 +92,14 @@ class Extent:
     nbytes: int
 
 
+def human(count: float) -> str:
+    """A count for people: 1234567 -> '1.23M' (K, M, B, T), small counts as they are."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:g}"
+
+
 def _norm_params(model: ModelSpec) -> int:
     return model.d_model * (1 if model.norm == "rmsnorm" else 2)
 

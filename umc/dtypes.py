@@ -55,10 +55,3 @@ def torch_dtype(name: str):
 
     return getattr(torch, lookup(name).torch_name)
 
-
-def from_torch(dtype) -> DType:
-    """The entry of a torch dtype (KeyError for one umc does not use)."""
-    for entry in TABLE:
-        if entry.torch_name == str(dtype).removeprefix("torch."):
-            return entry
-    raise KeyError(f"unsupported torch dtype {dtype}")

@@ -199,21 +199,3 @@ def lower_layer(mem: MemorySpec, d_model: int, dtype: str = "float32") -> Graph:
     named, taps = _tap_outputs(0, lowered.taps)
     return verify(b.build({"out": lowered.out, **named}, taps=tuple(taps)))
 
-
-def lower_block_slice(spec: Spec, block: int) -> dict[str, Graph]:
-    """Block ``block`` alone, for verifying big models a slice at a time: ``prefill`` x (B,T,D) -> x after the
-    block and its present KV; ``decode`` x (B,1,D) + past KV -> the same. Parameters unprefixed."""
-    model, dtype = spec.model, ir_name(spec.dtype)
-    graphs = {}
-    for kind, steps in (("prefill", T), ("decode", 1)):
-        b = GraphBuilder(f"block{block}.{kind}")
-        x = b.input("x", TensorType(dtype, (B, steps, model.d_model)))
-        past = ()
-        if kind == "decode":
-            past = tuple(b.input(f"past_{side}", TensorType(dtype, (B, model.n_kv_heads, S_PAST, model.head_dim)))
-                         for side in "kv")
-        out, _, present_k, present_v = lower_block(b, model, dtype, x, block, past, "")
-        state = tuple(StateSlot(f"kv_{side}", block, f"present_{side}", f"past_{side}" if past else None)
-                      for side in "kv")
-        graphs[kind] = verify(b.build({"x": out, "present_k": present_k, "present_v": present_v}, state=state))
-    return graphs

@@ -54,6 +54,8 @@ def check_artifact_name(build_dir: Path, name: str) -> None:
     where = f"{build_dir}/manifest.json: artifact {name!r}"
     if not name:
         raise BuildDirError(f"{where} is empty; artifacts are relative paths inside the build")
+    if "\0" in name:
+        raise BuildDirError(f"{where} contains a NUL character")
     if "\\" in name:
         raise BuildDirError(f"{where} contains a backslash; artifacts are '/'-separated relative paths")
     if name.startswith("/"):

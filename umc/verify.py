@@ -28,10 +28,11 @@ import safetensors
 import torch
 from safetensors.torch import load_file
 
-from umc.cost import memory_needs, shuffle_elements, spec_cost
+from umc.cost import block_params, memory_needs, shuffle_elements, spec_cost
 from umc.dtypes import BY_SPEC, torch_dtype
-from umc.lower import lower_block_slice, lower_layer
-from umc.manifest import unlisted_files
+from umc.lower import lower_layer
+from umc.slices import block_slice, unit_slice
+from umc.manifest import parse_manifest, unlisted_files
 from umc.official import official_memory_spec
 from umc.passes import PIPELINE, run_pipeline
 from umc.resources import require_memory
@@ -83,8 +84,20 @@ def _non_finite(output: str, step: str, count: int) -> Check:
     return Check(output, step, float("nan"), float("nan"), 0.0, False, f"{count} non-finite values (NaN or Inf)")
 
 
+def _shape_mismatch(output: str, step: str, *tensors: torch.Tensor) -> Check | None:
+    """A failing check when the compared tensors' shapes differ (never broadcast one against another)."""
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) == 1:
+        return None
+    return Check(output, step, float("nan"), float("nan"), 0.0, False,
+                 f"shapes differ: {' vs '.join(str(list(t.shape)) for t in tensors)}")
+
+
 def compare(output: str, step: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> Check:
-    """float32 rule: max abs error within ``tolerance`` x max |want|; any NaN/Inf fails."""
+    """float32 rule: max abs error within ``tolerance`` x max |want|; any NaN/Inf, or other shapes, fails."""
+    mismatch = _shape_mismatch(output, step, got, want)
+    if mismatch:
+        return mismatch
     max_abs, max_rel, scale, bad = _errors(got, want)
     if bad:
         return _non_finite(output, step, bad)
@@ -95,7 +108,11 @@ def compare(output: str, step: str, got: torch.Tensor, want: torch.Tensor, toler
 def compare_low_precision(output: str, step: str, got: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
                           dtype: str) -> Check:
     """At-least-as-close rule: |got - float64| <= slack * |eager(dtype) - float64| + two rounding steps of the
-    dtype at the output's scale (below that, differences are noise), and a loose bound; any NaN/Inf fails."""
+    dtype at the output's scale (below that, differences are noise), and a loose bound; any NaN/Inf, or other
+    shapes, fails."""
+    mismatch = _shape_mismatch(output, step, got, eager, exact)
+    if mismatch:
+        return mismatch
     got_abs, got_rel, scale, bad = _errors(got, exact)
     eager_abs, _, _, eager_bad = _errors(eager, exact)
     if bad or eager_bad:
@@ -339,8 +356,8 @@ def verify_build(build_dir: str | Path, backend: str = "graph", seed: int | None
 def build_warnings(build_dir: str | Path) -> list[str]:
     """What a user should know about a build that does not make it fail: files the manifest does not list
     (never loaded)."""
-    build = read_build(build_dir)
-    extra = unlisted_files(build.path, build.manifest)
+    build_dir = Path(build_dir)
+    extra = unlisted_files(build_dir, parse_manifest(build_dir))
     return [f"{len(extra)} file(s) in the build are not in its manifest and are ignored: {', '.join(extra[:5])}"] if extra else []
 
 
@@ -351,7 +368,8 @@ def _read_golden(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and config of a golden file, or VerifyError naming what is wrong."""
     try:
         tensors = load_file(str(path))
-        metadata = safetensors.safe_open(str(path), "pt").metadata() or {}
+        with safetensors.safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
     except (OSError, safetensors.SafetensorError) as exc:
         raise VerifyError(f"{path}: cannot read safetensors: {exc}") from None
     if "config" not in metadata:
@@ -366,12 +384,25 @@ def _read_golden(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def run_layer(graph, weights: Mapping[str, torch.Tensor], x: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
-    """A single-layer graph on x (B, T, D) through a backend: every named output."""
-    check_weights({"layer": graph}, weights)
-    feeds = {"x": x}
+def _check_golden_shapes(path: Path, tensors: dict[str, torch.Tensor], mem, width: int) -> None:
+    """VerifyError unless input and expectations have the shapes the config implies: input (..., D), expected
+    output of input's shape, expected indices (tokens, H*m)."""
+    x = tensors["input"]
+    tokens = x.numel() // width if x.dim() >= 2 and x.shape[-1] == width else -1
+    wanted = {"input": f"(..., {width})", "expected_output": str(list(x.shape)),
+              "expected_indices": str([tokens, mem.heads * mem.topm])}
+    got = {"input": tokens > 0, "expected_output": tensors["expected_output"].shape == x.shape,
+           "expected_indices": tuple(tensors["expected_indices"].shape) == (tokens, mem.heads * mem.topm)}
+    for name, ok in got.items():
+        if not ok:
+            raise VerifyError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, the config needs {wanted[name]}")
+
+
+def run_graph(graph, weights: Mapping[str, torch.Tensor], feeds: dict[str, torch.Tensor], backend: str) -> dict[str, torch.Tensor]:
+    """A graph of one kind (a layer, a slice) on checked feeds through a backend: every named output."""
+    check_weights({graph.name: graph}, weights)
     sizes = check_feeds(graph, feeds)
-    return lookup_backend(backend)({"layer": graph}, weights).run("layer", feeds, sizes)
+    return lookup_backend(backend)({graph.name: graph}, weights).run(graph.name, feeds, sizes)
 
 
 def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, ...] = PIPELINE) -> list[Check]:
@@ -383,11 +414,12 @@ def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, .
         layer = memory_layer_from_official(tensors, config).layer
     except ValueError as exc:
         raise VerifyError(str(exc) if isinstance(exc, SpecError) else f"{path}: {exc}") from None
+    _check_golden_shapes(path, tensors, mem, int(config["hidden_size"]))
     graph = lower_layer(mem, int(config["hidden_size"]))
     graph = run_pipeline(graph, passes)[-1].graph if passes else graph
     x = tensors["input"]
     flat = x.reshape(1, -1, x.shape[-1])
-    out = run_layer(graph, tensors, flat, backend)
+    out = run_graph(graph, tensors, {"x": flat}, backend)
     taps = {tap.stage: out[tap.output] for tap in graph.taps}
     got_output = out["out"].reshape(-1, x.shape[-1])
     queries = flat[0]
@@ -409,63 +441,59 @@ def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, .
 # ---------------------------------------------------------------- slices (models too big to verify whole)
 
 
-def _slice_weights(build, module, prefix: str) -> dict[str, torch.Tensor]:
-    """A slice's weights: from the build's weights.safetensors (only the tensors under ``prefix``) when its
-    manifest lists one, else the seeded eager module's own."""
-    if "weights.safetensors" not in build.manifest["artifacts"]:
-        return module.state_dict()
-    with safetensors.safe_open(str(build.path / "weights.safetensors"), "pt") as f:
-        tensors = {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
-    module.load_state_dict(tensors)
-    return module.state_dict()
+def _slice_weights(build, parts: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The weights of eager slices, by the full names the build's graphs use (prefix -> module): from the build's
+    weights.safetensors (only those tensors) when its manifest lists one, else the seeded modules' own."""
+    if "weights.safetensors" in build.manifest["artifacts"]:
+        with safetensors.safe_open(str(build.path / "weights.safetensors"), "pt") as f:
+            for prefix, module in parts.items():
+                module.load_state_dict({name[len(prefix):]: f.get_tensor(name) for name in f.keys()
+                                        if name.startswith(prefix)})
+    return {prefix + name: t for prefix, module in parts.items() for name, t in module.state_dict().items()}
 
 
-def _run_slice(graphs, weights, backend: str, kind: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    check_weights(graphs, weights)
-    sizes = check_feeds(graphs[kind], feeds)
-    return lookup_backend(backend)(graphs, weights).run(kind, feeds, sizes)
+def _slice_bytes(modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
 def verify_unit_slice(build, unit: int, backend: str, seed: int, batch: int, prompt: int) -> list[Check]:
-    """Memory unit ``unit`` alone: the build's memory-layer graph (lowered and optimized with the build's
-    passes) against the eager layer with the same weights, on random inputs of the spec's dtype."""
+    """Memory unit ``unit`` cut out of the build's prefill graph, against the eager layer (after its read block's
+    FFN norm) with the same weights, on a random residual stream of the spec's dtype."""
     spec = build.spec
-    unit_cost = spec_cost(spec).units[unit]
-    require_memory((unit_cost.dense_params + unit_cost.value_params) * BY_SPEC[spec.dtype].itemsize
+    graph, read = unit_slice(build.graphs["prefill"], unit)
+    cost = spec_cost(spec).units[unit]
+    require_memory((cost.dense_params + cost.value_params + block_params(spec.model)) * BY_SPEC[spec.dtype].itemsize
                    + shuffle_elements(spec.memory) * 8, f"umc verify {spec.name} --units {unit}")
-    graph = lower_layer(spec.memory, spec.model.d_model, spec.dtype)
-    graph = run_pipeline(graph, tuple(build.manifest["passes"]))[-1].graph if build.manifest["passes"] else graph
-    layer = build_memory_layer(spec, unit, seed)
-    weights = _slice_weights(build, layer, f"memories.{unit}.")
+    layer, block = build_memory_layer(spec, unit, seed), build_block(spec, read, seed)
+    weights = _slice_weights(build, {f"memories.{unit}.": layer, f"blocks.{read}.": block})
     gen = torch.Generator().manual_seed(seed + 1 + unit)
     x = torch.randn(batch, prompt, spec.model.d_model, generator=gen).to(torch_dtype(spec.dtype))
-    out = _run_slice({"layer": graph}, weights, backend, "layer", {"x": x})
+    out = run_graph(graph, weights, {"x": x}, backend)
     taps = {tap.stage: out[tap.output] for tap in graph.taps}
     queries, queries64 = [], []
     with torch.no_grad():
         select = taps["grid"].flatten(2)
-        want, _ = layer(x, select=select, record=queries)
-        want64, _ = layer(x.double(), select=select, record=queries64)
+        want, _ = layer(block.ffn_norm(x), select=select, record=queries)
+        want64, _ = layer(block.ffn_norm(x.double()), select=select, record=queries64)
     name, step = f"mem{unit}", "slice"
-    checks = check_selection(layer, queries[0], queries64[0], taps, spec.dtype, name, step)
-    checks.append(compare_any(f"{name}.output", step, out["out"], want, want64, spec.dtype, LOGITS_TOLERANCE))
+    checks = check_selection(layer, queries[0], queries64[0], taps, spec.dtype, name, step, LAYER_TOLERANCE)
+    checks.append(compare_any(f"{name}.output", step, out["out"], want, want64, spec.dtype, LAYER_TOLERANCE))
     return checks
 
 
 def verify_block_slice(build, block: int, backend: str, seed: int, steps: int, batch: int, prompt: int) -> list[Check]:
-    """Block ``block`` alone: its prefill and decode graphs (lowered and optimized with the build's passes)
-    against the eager block with the same weights, over a random prompt and ``steps`` decode steps."""
+    """Block ``block`` cut out of the build's prefill and decode graphs, against the eager block with the same
+    weights, over a random residual stream: a prompt, then ``steps`` decode steps."""
     spec = build.spec
-    passes = tuple(build.manifest["passes"])
-    graphs = {kind: run_pipeline(g, passes)[-1].graph if passes else g
-              for kind, g in lower_block_slice(spec, block).items()}
+    graphs = {kind: block_slice(build.graphs[kind], block) for kind in ("prefill", "decode")}
+    module = build_block(spec, block, seed, device="meta")
+    require_memory(_slice_bytes([module]), f"umc verify {spec.name} --blocks {block}")
     module = build_block(spec, block, seed)
-    weights = _slice_weights(build, module, f"blocks.{block}.")
+    weights = _slice_weights(build, {f"blocks.{block}.": module})
     check_weights(graphs, weights)
     runner = lookup_backend(backend)(graphs, weights)
     gen = torch.Generator().manual_seed(seed + 1000 + block)
-    dtype = torch_dtype(spec.dtype)
-    inputs = torch.randn(batch, prompt + steps, spec.model.d_model, generator=gen).to(dtype)
+    inputs = torch.randn(batch, prompt + steps, spec.model.d_model, generator=gen).to(torch_dtype(spec.dtype))
     checks, past, past_eager, past64 = [], None, None, None
     with torch.no_grad():
         for start in [0] + list(range(prompt, prompt + steps)):
@@ -476,10 +504,10 @@ def verify_block_slice(build, block: int, backend: str, seed: int, steps: int, b
             want, _, past_eager = module(x, past_eager, start)
             want64, _, past64 = module(x.double(), past64, start)
             step = f"block{block} {kind}" + ("" if past is None else f" {start - prompt + 1}")
-            checks.append(compare_any(f"block{block}.x", step, out["x"], want, want64, spec.dtype, LOGITS_TOLERANCE))
+            checks.append(compare_any(f"block{block}.x", step, out["x"], want, want64, spec.dtype, LAYER_TOLERANCE))
             for index, side in enumerate("kv"):
                 checks.append(compare_any(f"block{block}.{side}", step, out[f"present_{side}"], past_eager[index],
-                                          past64[index], spec.dtype, LOGITS_TOLERANCE))
+                                          past64[index], spec.dtype, LAYER_TOLERANCE))
             past = (out["present_k"], out["present_v"])
     return checks
 

@@ -59,8 +59,15 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def _discover() -> None:
+    """Import every module of this package; one that fails to import is listed as a backend that cannot run,
+    with the error as the reason, instead of breaking every command."""
     for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+        try:
+            importlib.import_module(f"{__name__}.{module.name}")
+        except Exception as exc:  # noqa: BLE001 - a broken optional backend must not take down the others
+            reason = f"its module failed to import: {type(exc).__name__}: {exc}"
+            BACKENDS.setdefault(module.name, type(module.name, (Backend,), {
+                "name": module.name, "unavailable": classmethod(lambda cls, reason=reason: reason)}))
 
 
 def list_backends() -> dict[str, str | None]:

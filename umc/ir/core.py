@@ -200,18 +200,6 @@ class Graph:
                 return v
         raise IRError(f"{self.name}: no input named {name!r}")
 
-    @property
-    def data_inputs(self) -> tuple[Value, ...]:
-        """Inputs that are not carried state (e.g. the tokens)."""
-        carried = {s.input for s in self.state}
-        return tuple(v for v in self.inputs if v.name not in carried)
-
-    @property
-    def data_outputs(self) -> tuple[Value, ...]:
-        """Outputs that are neither carried state nor selection taps (e.g. the logits)."""
-        special = {s.output for s in self.state} | {t.output for t in self.taps}
-        return tuple(v for v in self.outputs if v.name not in special)
-
     def next_id(self) -> int:
         """An id no value of the graph uses."""
         ids = [v.id for v in (*self.inputs, *self.params)] + [v.id for n in self.all_nodes() for v in n.outputs]

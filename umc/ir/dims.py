@@ -19,7 +19,7 @@ _TERM = re.compile(r"\s*([+-]?)\s*([^+-]+)")
 
 
 class DimError(ValueError):
-    """A dim expression that cannot be parsed, evaluated or divided exactly."""
+    """A dim expression that cannot be parsed or evaluated."""
 
 
 class Sym:
@@ -66,9 +66,6 @@ class Sym:
         return dim_mul(self, other)
 
     __rmul__ = __mul__
-
-    def __floordiv__(self, divisor: int) -> "Dim":
-        return dim_div(self, divisor)
 
     def __str__(self) -> str:
         return format_dim(self)
@@ -125,14 +122,6 @@ def dim_prod(dims) -> Dim:
     for d in dims:
         total = dim_mul(total, d)
     return total
-
-
-def dim_div(a: Dim, divisor: int) -> Dim:
-    """a // divisor where the division is exact in every coefficient (DimError otherwise)."""
-    terms = _terms(a)
-    if divisor <= 0 or any(c % divisor for c in terms.values()):
-        raise DimError(f"{format_dim(a)} is not divisible by {divisor}")
-    return _make({m: c // divisor for m, c in terms.items()})
 
 
 def is_dim(value) -> bool:

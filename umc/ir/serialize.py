@@ -62,6 +62,8 @@ def _decode(data: dict[str, Any]) -> Graph:
     values: dict[int, Value] = {}
 
     def make(d: dict[str, Any]) -> Value:
+        if not isinstance(d["shape"], list):
+            raise IRError(f"value {d.get('id')!r} has shape {d['shape']!r}, expected a list of dims")
         shape = tuple(parse_dim(s) for s in d["shape"])
         v = Value(_int(d["id"], "a value id"), TensorType(str(d["dtype"]), shape), str(d["name"]))
         values[v.id] = v
@@ -81,8 +83,9 @@ def _decode(data: dict[str, Any]) -> Graph:
         outs = tuple(make(o) for o in d["outputs"])
         attrs = check_attrs(op, {str(k): _freeze(v) for k, v in d["attrs"]})
         scope = d["scope"]
-        return Node(op, ins, outs, tuple(sorted(attrs.items())),
-                    Scope(str(scope["part"]), scope["block"], scope["unit"]), _int(d["stream"], "a stream"))
+        where = lambda key: None if scope[key] is None else _int(scope[key], f"a scope's {key}")
+        return Node(op, ins, outs, tuple(sorted(attrs.items())), Scope(str(scope["part"]), where("block"), where("unit")),
+                    _int(d["stream"], "a stream"))
 
     init_nodes = tuple(node(d) for d in data["init_nodes"])
     nodes = tuple(node(d) for d in data["nodes"])
@@ -104,6 +107,6 @@ def graph_from_json(data: Any) -> Graph:
         raise IRError(f"malformed graph JSON: {exc}") from None
     except KeyError as exc:
         raise IRError(f"malformed graph JSON: missing key {exc}") from None
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
         raise IRError(f"malformed graph JSON: {exc}") from None
     return verify(graph)

@@ -12,7 +12,8 @@ from umc.dtypes import BY_IR
 
 
 def _check_type(graph: Graph, t: TensorType, where: str) -> None:
-    if not isinstance(t, TensorType) or t.dtype not in BY_IR or not isinstance(t.shape, tuple):
+    if not isinstance(t, TensorType) or t.dtype not in BY_IR or not isinstance(t.shape, tuple) \
+            or any(isinstance(d, int) and d < 0 for d in t.shape):
         raise IRError(f"{graph.name}: {where} has a malformed type {t!r}")
 
 

@@ -2,7 +2,7 @@
 
 It imports nothing from the IR, passes, kernels or runtime, and they import nothing from it.
 """
-from umc.reference.build import TORCH_DTYPES, build_block, build_memory_layer, build_model
+from umc.reference.build import build_block, build_memory_layer, build_model
 from umc.reference.init import rank_one_vectors
 from umc.reference.memory import MemoryLayer, Retrieval
 from umc.reference.model import DecodeState, MemoryLM
@@ -10,7 +10,7 @@ from umc.reference.official import memory_layer_from_official
 from umc.reference.weights import WeightsError, load_weights, save_weights
 
 __all__ = [
-    "TORCH_DTYPES", "DecodeState", "MemoryLayer", "MemoryLM", "Retrieval", "WeightsError", "build_block",
+    "DecodeState", "MemoryLayer", "MemoryLM", "Retrieval", "WeightsError", "build_block",
     "build_memory_layer", "build_model", "load_weights", "memory_layer_from_official", "rank_one_vectors",
     "save_weights",
 ]

@@ -13,13 +13,11 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from umc.dtypes import SPEC_DTYPES, torch_dtype
+from umc.dtypes import torch_dtype
 from umc.reference.init import init_dense, init_memory, init_model
 from umc.reference.memory import MemoryLayer
 from umc.reference.model import Block, MemoryLM
 from umc.spec import Spec
-
-TORCH_DTYPES = {name: torch_dtype(name) for name in SPEC_DTYPES}
 
 Part = TypeVar("Part", bound=nn.Module)
 

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from umc.dtypes import TABLE, torch_dtype
+from umc.numerics import non_finite_count
 
 FORMAT = "umc-weights-v1"
-CHUNK = 2**24  # elements checked for NaN/Inf at a time: bounds the transient mask
 
 
 class WeightsError(ValueError):
@@ -46,7 +46,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         for name, target in expected.items():
             with _opened(path) as file:
                 given = file.get_tensor(name)
-            bad = _non_finite_count(given)
+            bad = non_finite_count(given)
             if bad:
                 raise WeightsError(f"{path}: tensor {name} has {bad} non-finite values (NaN or Inf)")
             target.copy_(given)
@@ -88,20 +88,3 @@ def _torch_name(safetensors_dtype: str) -> str:
         if entry.safetensors == safetensors_dtype:
             return str(torch_dtype(entry.ir))
     return safetensors_dtype
-
-
-def _non_finite_count(tensor: torch.Tensor) -> int:
-    """How many values of a floating tensor are NaN or +-Inf (0 for integer tensors), chunk by chunk.
-
-    A chunk's largest magnitude is finite exactly when all its values are (NaN propagates through
-    the maximum): that fast test runs first, and only a failing chunk is counted value by value.
-    """
-    if not tensor.is_floating_point():
-        return 0
-    flat = tensor.reshape(-1)
-    count = 0
-    for start in range(0, flat.numel(), CHUNK):
-        chunk = flat[start:start + CHUNK]
-        if not chunk.abs().amax().isfinite():
-            count += int((~torch.isfinite(chunk)).sum())
-    return count

@@ -20,7 +20,6 @@ from umc.dtypes import BY_IR
 from umc.ir.core import IRError, TensorType
 from umc.ir.dims import Dim, DimError, is_dim, parse_dim
 
-REQUIRED = object()
 ATTR_KINDS = ("int", "float", "bool", "str", "dim", "dims", "ints", "dtype")
 
 
@@ -34,6 +33,10 @@ class Attr:
     minimum: int | None = None
     optional: bool = False
 
+    def __post_init__(self):
+        if self.kind not in ATTR_KINDS:
+            raise IRError(f"attribute {self.name}: unknown kind {self.kind!r} (allowed: {', '.join(ATTR_KINDS)})")
+
     def check(self, op: str, value: Any) -> Any:
         """The value, normalized (lists to tuples, dim text to dims); IRError naming the op and attribute."""
         where = f"{op}: attribute {self.name}"
@@ -41,7 +44,7 @@ class Attr:
             ok = isinstance(value, int) and not isinstance(value, bool) and (self.minimum is None or value >= self.minimum)
             allowed = "an integer" + (f" >= {self.minimum}" if self.minimum is not None else "")
         elif self.kind == "float":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300  # NaN fails too
             allowed = "a finite number"
         elif self.kind == "bool":
             ok, allowed = isinstance(value, bool), "true or false"
@@ -214,6 +217,8 @@ def selection(name: str, chosen: int):
     """Decorator: ``fn(builder, inputs, attrs) -> (scores, ids)`` names op ``name``'s candidates."""
 
     def wrap(fn: Decomposition) -> Decomposition:
+        if OPS[name].selection is not None:
+            raise IRError(f"op {name} has two candidate definitions")
         OPS[name] = replace(OPS[name], selection=Selection(chosen, fn))
         return fn
 
@@ -258,7 +263,7 @@ def infer_types(name: str, inputs: tuple[TensorType, ...], attrs: dict[str, Any]
     attrs = check_attrs(name, attrs)
     try:
         types = opdef.infer(inputs, attrs)
-    except (IndexError, ValueError, TypeError, DimError) as exc:
+    except (IndexError, ValueError, TypeError, ArithmeticError, DimError) as exc:
         if isinstance(exc, IRError):
             raise
         raise IRError(f"{name}: inputs {', '.join(map(str, inputs))} do not fit ({exc})") from None

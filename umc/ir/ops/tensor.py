@@ -8,7 +8,7 @@ symbolic sizes and bind them by name when a graph runs.
 from __future__ import annotations
 
 from umc.ir.core import TensorType
-from umc.ir.dims import dim_add, dim_mul, dim_prod
+from umc.ir.dims import dim_add, dim_prod
 from umc.ir.ops.registry import Attr, axis_of, broadcast, decomposition, elementwise, expect, op, selection
 
 
@@ -26,14 +26,7 @@ def _binary(name: str):
     return infer
 
 
-for _name in ("add", "mul"):
-    op(_name, "a, b", "out", cost=elementwise)(_binary(_name))
-
-_SCALAR = {"add_scalar": "x + value", "mul_scalar": "x * value", "floordiv_scalar": "floor(x / value), integers",
-           "mod_scalar": "x mod value (the sign of value), integers"}
-
-
-def _scalar(text: str):
+def _unary(text: str):
     def infer(ins, attrs):
         return (ins[0],)
 
@@ -41,15 +34,25 @@ def _scalar(text: str):
     return infer
 
 
-for _name, _text in _SCALAR.items():
-    kind = "int" if _name in ("floordiv_scalar", "mod_scalar") else "float"
-    minimum = 1 if kind == "int" else None
-    op(_name, "x", "out", (Attr("value", kind, minimum=minimum),), cost=elementwise)(_scalar(_text))
+INT_VALUE, FLOAT_VALUE = Attr("value", "int", minimum=1), Attr("value", "float")
+SCALAR_OPS = {"add_scalar": ("x + value", FLOAT_VALUE), "mul_scalar": ("x * value", FLOAT_VALUE),
+              "floordiv_scalar": ("floor(x / value), integers", INT_VALUE),
+              "mod_scalar": ("x mod value (the sign of value), integers", INT_VALUE)}
+UNARY_OPS = {"rsqrt": (1, "1 / sqrt(x)"), "sigmoid": (4, "1 / (1 + exp(-x))"), "relu": (1, "max(x, 0)"),
+             "gelu": (8, "x * Phi(x), the exact (erf) GELU")}
 
-_UNARY = {"rsqrt": (1, "1 / sqrt(x)"), "sigmoid": (4, "1 / (1 + exp(-x))"), "relu": (1, "max(x, 0)"),
-          "gelu": (8, "x * Phi(x), the exact (erf) GELU")}
-for _name, (_flops, _text) in _UNARY.items():
-    op(_name, "x", "out", cost=lambda i, o, a, f=_flops: (f * o[0].numel, 0))(_scalar(_text))
+
+def _register_elementwise() -> None:
+    """The elementwise primitives, from the tables above."""
+    for name in ("add", "mul"):
+        op(name, "a, b", "out", cost=elementwise)(_binary(name))
+    for name, (text, value) in SCALAR_OPS.items():
+        op(name, "x", "out", (value,), cost=elementwise)(_unary(text))
+    for name, (flops, text) in UNARY_OPS.items():
+        op(name, "x", "out", cost=lambda i, o, a, f=flops: (f * o[0].numel, 0))(_unary(text))
+
+
+_register_elementwise()
 
 
 @op("silu", "x", "out", cost=lambda i, o, a: (5 * o[0].numel, 0))
@@ -82,9 +85,9 @@ def _reduce(name: str):
     return infer
 
 
-for _name in ("sum", "mean"):
-    op(_name, "x", "out", (Attr("axes", "ints"), Attr("keepdim", "bool")),
-       cost=lambda i, o, a: (i[0].numel, 0))(_reduce(_name))
+for reduction in ("sum", "mean"):
+    op(reduction, "x", "out", (Attr("axes", "ints"), Attr("keepdim", "bool")),
+       cost=lambda i, o, a: (i[0].numel, 0))(_reduce(reduction))
 
 
 @op("reshape", "x", "out", (Attr("shape", "dims"),))
@@ -119,7 +122,7 @@ def _slice(ins, attrs):
     x = ins[0]
     axis = axis_of(x.rank, attrs["axis"], "slice")
     start, stop = attrs["start"], attrs["stop"]
-    length = dim_add(stop, dim_mul(-1, start))
+    length = stop - start
     expect(not isinstance(length, int) or length >= 0, "slice", f"{start}:{stop} is empty or reversed")
     return (x.with_shape(*x.shape[:axis], length, *x.shape[axis + 1:]),)
 
