@@ -9,6 +9,7 @@ from umc.ir.core import Graph
 from umc.ir.verify import verify
 from umc.passes.cleanup import cleanup
 from umc.passes.ive_projector_merging import ive_projector_merging
+from umc.passes.kernel_fusion import kernel_fusion
 from umc.passes.query_conv_folding import query_conv_folding
 from umc.passes.skip_layer_overlap import skip_layer_overlap
 
@@ -28,6 +29,7 @@ PASSES: dict[str, Pass] = {
     "skip_layer_overlap": skip_layer_overlap,
     "query_conv_folding": query_conv_folding,
     "ive_projector_merging": ive_projector_merging,
+    "kernel_fusion": kernel_fusion,
     "cleanup": cleanup,
 }
 PIPELINE: tuple[str, ...] = tuple(PASSES)

@@ -339,3 +339,51 @@ def _gather_pool(attrs, table, row, block, scores):
     pooled = table.new_zeros(batch * steps, attrs["E"], vdim)
     pooled.scatter_add_(1, block.reshape(batch * steps, -1, 1).expand(-1, -1, vdim), weighted)
     return (pooled.reshape(batch, steps, attrs["E"] * vdim),)
+
+# ---------------------------------------------------------------- kernel-sized
+
+
+def _coarse_scores(q, keys):
+    return torch.einsum("...hd,hkd->...hk", q.float(), keys.float())
+
+
+@impl("coarse_topm")
+def _coarse_topm(attrs, q, keys):
+    values, indices = torch.topk(_coarse_scores(q, keys), attrs["k"], dim=-1)
+    return values.to(q.dtype), indices
+
+
+@forced("coarse_topm")
+def _coarse_topm_forced(attrs, inputs, chosen):
+    q, keys = inputs
+    return torch.take_along_dim(_coarse_scores(q, keys), chosen[1], dim=-1).to(q.dtype), chosen[1]
+
+
+def _winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
+    """Per-core Tucker grid (...,H,h,m,m) in float32 over the rows and columns kept."""
+    heads = torch.arange(keys_row.shape[0]).view(*[1] * (i_row.dim() - 2), -1, 1)
+    rows = torch.einsum("...hd,...hmdr->...hmr", q_row.float(), keys_row[heads, i_row].float())
+    cols = torch.einsum("...hd,...hmdr->...hmr", q_col.float(), keys_col[heads, i_col].float())
+    return torch.einsum("...hir,hcrs,...hjs->...hcij", rows, cores.float(), cols)
+
+
+@impl("grid_topm")
+def _grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
+    grid = _winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
+    m = grid.shape[-1]
+    winners = torch.topk(grid.flatten(-2).sum(-2), m, dim=-1).indices
+    return _address(i_row, i_col, winners, m, attrs["n"]), _grid_scores(grid, winners).to(q_row.dtype)
+
+
+@forced("grid_topm")
+def _grid_topm_forced(attrs, inputs, chosen):
+    grid = _winner_grid(*inputs)
+    address, i_row, i_col = chosen[0], inputs[4], inputs[5]
+    return address, _grid_scores(grid, _positions(i_row, i_col, address, attrs["n"])).to(inputs[0].dtype)
+
+
+@impl("lookup_pool")
+def _lookup_pool(attrs, table, address, scores, perm=None):
+    virtual = address if perm is None else perm[address]
+    row, block = _ive_split(attrs, virtual)
+    return _gather_pool(attrs, table, row, block, scores)

@@ -5,6 +5,7 @@ contain (every shipped small spec, lowered and optimized). Also: whole optimized
 compute what they compute, and the registries hold exactly one entry per op."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -42,11 +43,11 @@ def example_specs():
 
 
 def collect_examples():
-    """op -> distinct (input types, attrs) found in lowered and optimized graphs of the example specs."""
+    """op -> distinct (input types, attrs) found in the graphs of the example specs, lowered and after each pass."""
     found: dict[str, dict] = {}
     for spec in example_specs():
         for graph in lower(spec).values():
-            for g in (graph, run_pipeline(graph)[-1].graph):
+            for g in (graph, *(result.graph for result in run_pipeline(graph))):
                 for node in g.all_nodes():
                     key = (tuple(v.type for v in node.inputs), node.attrs)
                     found.setdefault(node.op, {}).setdefault(key, None)
@@ -68,7 +69,7 @@ def sample_inputs(op: str, types, attrs, seed: int) -> list[torch.Tensor]:
         port = ports[min(i, len(ports) - 1)]
         if port.index_of:
             if len(port.index_of) == 1:
-                bound = attrs[port.index_of[0]]
+                bound = math.prod(attrs[name] for name in port.index_of[0].split("*"))
             else:
                 source, axis = port.index_of
                 axis = attrs[axis] if isinstance(axis, str) else axis

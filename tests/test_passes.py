@@ -152,9 +152,19 @@ def test_cleanup_folds_load_time_work_in_float32_for_low_precision():
 
 def test_ive_projector_merging_leaves_one_gemm_per_unit():
     spec = load_spec(SPECS / "ultramem-tiny.yaml")
-    graph = run_pipeline(lower(spec)["prefill"])[-1].graph
+    graph, _ = PASSES["ive_projector_merging"](lower(spec)["prefill"])
     ops = [n.op for n in graph.nodes]
     assert ops.count("gather_pool") == 2
     assert not {"gather_values", "mcs_scale", "scatter_blocks", "select_block", "reshape"} & set(ops)
     projections = [n for n in graph.nodes if n.op == "linear" and n.scope.part == "project"]
     assert len(projections) == 2 and all(n.inputs[1].name.endswith("values_proj.weight") for n in projections)
+
+
+def test_kernel_fusion_leaves_three_kernel_ops_per_unit():
+    spec = load_spec(SPECS / "ultramem-tiny.yaml")
+    graph = run_pipeline(lower(spec)["decode"])[-1].graph
+    for unit in (0, 1):
+        ops = [n.op for n in graph.nodes if n.scope.unit == unit]
+        assert ops.count("coarse_topm") == 2 and ops.count("grid_topm") == 1 and ops.count("lookup_pool") == 1
+        assert not {"key_scores", "topm", "gathered_rank_scores", "tucker_grid", "grid_select", "shuffle", "ive_split",
+                    "gather_pool"} & set(ops)

@@ -203,3 +203,42 @@ def test_cleanup_hoists_and_merges():
     assert_outputs_close(want, got)
     assert [n.op for n in after.init_nodes] == ["scale_columns"] and ops(after).count("linear") == 1
     assert any("merged 1 duplicate" in n for n in notes)
+
+
+def retrieval_graph(near_miss: bool):
+    """coarse top-m per side, grid top-m over them, lookup and pooling; the near miss also outputs the key
+    scores, scores the grid over other rows than it selects among, and reads the IVE split elsewhere."""
+    b = GraphBuilder("retrieval")
+    b.scope = Scope("score", unit=0)
+    q = {side: b.input(f"q_{side}", TensorType("f32", (B, T, H, KD))) for side in "rc"}
+    coarse = {side: b.param(f"coarse_{side}", "f32", (H, N, KD)) for side in "rc"}
+    keys = {side: b.param(f"keys_{side}", "f32", (H, N, KD, R)) for side in "rc"}
+    scores = {side: b.one("key_scores", q[side], coarse[side]) for side in "rc"}
+    kept = {side: b.emit("topm", scores[side], k=M)[1] for side in "rc"}
+    other_rows = b.input("other_rows", TensorType("i64", (B, T, H, M))) if near_miss else kept["r"]
+    rows = b.one("gathered_rank_scores", q["r"], keys["r"], other_rows)
+    cols = b.one("gathered_rank_scores", q["c"], keys["c"], kept["c"])
+    grid = b.one("tucker_grid", rows, cols, b.param("cores", "f32", (H, 2, R, R)))
+    address, core_scores = b.emit("grid_select", grid, kept["r"], kept["c"], n=N)
+    b.scope = Scope("pool", unit=0)
+    virtual = b.one("shuffle", address, b.param("perm", "i64", (N * N,)))  # n*n grid addresses, E blocks of N*N/E rows
+    row, block = b.emit("ive_split", virtual, N=N * N // E)
+    pooled = b.one("gather_pool", b.param("values", "f32", (N * N // E, VDIM)), row, block, core_scores, E=E)
+    extra = {"s_r": scores["r"], "row": row} if near_miss else {}
+    return b.build({"pooled": pooled, "grid": address, **extra})
+
+
+def test_kernel_fusion_groups_each_retrieval_chain():
+    after, notes, want, got = apply("kernel_fusion", retrieval_graph(False))
+    assert_outputs_close(want, got)
+    assert sorted(ops(after)) == ["coarse_topm", "coarse_topm", "grid_topm", "lookup_pool"]
+
+
+def test_kernel_fusion_leaves_near_misses_alone():
+    graph = retrieval_graph(True)
+    after, notes, want, got = apply("kernel_fusion", graph, {"other_rows": N})
+    assert_outputs_close(want, got)
+    assert ops(after).count("coarse_topm") == 1 and "grid_topm" not in ops(after) and "lookup_pool" not in ops(after)
+    assert any("coarse_topm left 1" in n and "other readers" in n for n in notes)
+    assert any("grid_topm left 1" in n and "not the ones selected among" in n for n in notes)
+    assert any("lookup_pool left 1" in n and "other readers" in n for n in notes)

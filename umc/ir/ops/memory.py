@@ -278,7 +278,8 @@ def _grid_ids(b, i_row, i_col, n: int):
 
 
 @selection("grid_select", chosen=0)
-def _grid_select_candidates(b, ins, attrs):
+def grid_select_candidates(b, ins, attrs):
+    """The core-summed grid (...,H,m*m) and each cell's grid address: what grid_select chooses among."""
     grid, i_row, i_col = ins
     *lead, _, m, _ = grid.type.shape
     total = b.one("reshape", b.one("sum", grid, axes=(-3,), keepdim=False), shape=(*lead, m * m))

@@ -80,7 +80,8 @@ class Attr:
 @dataclass(frozen=True)
 class Port:
     """An operand: ``optional``/``variadic`` arity, and what its values must be (for samplers and binding):
-    ``index_of`` = (operand, axis) or (attribute,) — integers in [0, that size), ``distinct`` along the last
+    ``index_of`` = (operand, axis) or (attribute,) or (a product of attributes "N*E",) — integers in [0, that
+    size), ``distinct`` along the last
     axis when said (e.g. the winners of a top-m); ``permutation`` — a permutation of its own length;
     ``nonnegative`` — integers >= 0."""
 
