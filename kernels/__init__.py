@@ -1,1 +1,133 @@
-"""umc.kernels (placeholder package; filled by later issues)."""
+"""Triton kernels generated from the optimized IR: one renderer per kernel-sized op, keyed by op name.
+
+``render(node)`` specializes an op's template to the node's sizes and dtypes (``KernelSource``);
+``kernel_sources(graphs)`` collects every kernel a build needs, one file per distinct specialization;
+``load(source, directory)`` imports a kernel file after checking it is exactly what this umc renders.
+The kernels run on a GPU, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, for
+correctness only).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.util
+import shutil
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+from umc.ir.core import Graph, IRError, Node
+from umc.kernels import templates
+from umc.kernels.source import BODY_MARK, KernelSource, describe, pow2, render
+
+Renderer = Callable[[Node], KernelSource]
+RENDERERS: dict[str, Renderer] = {}
+
+
+def renderer(op: str):
+    """Register the kernel renderer of op ``op`` (once)."""
+
+    def wrap(fn: Renderer) -> Renderer:
+        if op in RENDERERS:
+            raise ValueError(f"op {op} has two kernel renderers")
+        RENDERERS[op] = fn
+        return fn
+
+    return wrap
+
+
+def _specialization(node: Node, names: tuple[str, ...]) -> str:
+    ins = describe(dict(zip(names, (v.type for v in node.inputs))))
+    attrs = ", ".join(f"{k}={v}" for k, v in node.attrs)
+    return f"{ins}{', ' + attrs if attrs else ''} -> {', '.join(str(v.type) for v in node.outputs)}"
+
+
+@renderer("coarse_topm")
+def _coarse_topm(node: Node) -> KernelSource:
+    q, keys = (v.type for v in node.inputs)
+    heads, n, kd = keys.shape
+    m = node.attr("k")
+    m_pad = pow2(m)
+    constants = {"HEADS": heads, "N": n, "KD": kd, "KD_PAD": pow2(kd), "M": m, "M_PAD": m_pad,
+                 "BLOCK_N": max(m_pad, min(pow2(n), 64))}
+    pointers = {"q_ptr": q, "keys_ptr": keys, "values_ptr": node.outputs[0].type, "indices_ptr": node.outputs[1].type}
+    return render("coarse_topm", templates.COARSE_TOPM, constants, pointers, _specialization(node, ("q", "keys")))
+
+
+@renderer("grid_topm")
+def _grid_topm(node: Node) -> KernelSource:
+    types = [v.type for v in node.inputs]
+    heads, n, kd, rank = types[2].shape
+    cores = types[6].shape[1]
+    m = types[4].shape[-1]
+    constants = {"HEADS": heads, "N": n, "KD": kd, "KD_PAD": pow2(kd), "R": rank, "R_PAD": pow2(rank),
+                 "CORES": cores, "M": m, "M_PAD": pow2(m)}
+    names = ("q_row", "q_col", "keys_row", "keys_col", "i_row", "i_col", "cores")
+    pointers = {f"{name}_ptr": t for name, t in zip(names, types)}
+    pointers.update({"address_ptr": node.outputs[0].type, "scores_ptr": node.outputs[1].type})
+    if n != node.attr("n"):
+        raise IRError(f"grid_topm: keys per side {n} != n={node.attr('n')}")
+    return render("grid_topm", templates.GRID_TOPM, constants, pointers, _specialization(node, names))
+
+
+@renderer("lookup_pool")
+def _lookup_pool(node: Node) -> KernelSource:
+    table, address, scores, *perm = (v.type for v in node.inputs)
+    picks = address.shape[2] * address.shape[3]
+    vdim = table.shape[1]
+    constants = {"K": picks, "K_PAD": pow2(picks), "VDIM": vdim, "BLOCK_V": min(pow2(vdim), 64),
+                 "CORES": scores.shape[-1], "NPHYS": node.attr("N"), "E": node.attr("E"), "HAS_PERM": bool(perm)}
+    pointers = {"table_ptr": table, "address_ptr": address, "scores_ptr": scores, "perm_ptr": perm[0] if perm else address,
+                "out_ptr": node.outputs[0].type}
+    names = ("table", "address", "scores", "perm")
+    return render("lookup_pool", templates.LOOKUP_POOL, constants, pointers, _specialization(node, names))
+
+
+def kernel_sources(graphs: dict[str, Graph]) -> dict[str, tuple[KernelSource, tuple[str, ...]]]:
+    """Every kernel the graphs' kernel-sized nodes need: file stem -> (source, the scopes using it)."""
+    found: dict[str, tuple[KernelSource, list[str]]] = {}
+    for kind, graph in graphs.items():
+        for node in graph.nodes:
+            if node.op in RENDERERS:
+                source = RENDERERS[node.op](node)
+                users = found.setdefault(source.name, (source, []))[1]
+                if f"{kind}:{node.scope}" not in users:
+                    users.append(f"{kind}:{node.scope}")
+    return {name: (source, tuple(users)) for name, (source, users) in found.items()}
+
+
+@cache
+def _private_directory() -> Path:
+    """This process's directory of kernel files to import (removed at exit)."""
+    path = Path(tempfile.mkdtemp(prefix="umc-kernels-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+class KernelFileError(ValueError):
+    """A kernel file in a build that is not what this umc renders for its graphs (edited, or forged)."""
+
+
+def load(source: KernelSource, directory: Path | None = None):
+    """The imported module of a kernel: from ``directory/<name>.py`` (a build's kernels), whose code must be
+    exactly ``source``'s, or rendered afresh when there is no directory. The checked bytes are copied to a
+    private directory and imported from there, so nothing can change them between the check and the import."""
+    target = _private_directory() / f"{source.name}.py"
+    if directory is None:
+        target.write_text(source.text(), encoding="utf-8")
+    else:
+        data = (directory / f"{source.name}.py").read_bytes()
+        body = data.decode("utf-8", errors="replace").partition(BODY_MARK)[2]
+        if body != source.body:
+            raise KernelFileError(f"{directory / (source.name + '.py')} is not the kernel this umc generates for its "
+                                  f"graph (sha256 {hashlib.sha256(data).hexdigest()[:12]}): recompile the build")
+        target.write_bytes(data)
+    module_name = f"umc_kernel_{source.name}"
+    spec = importlib.util.spec_from_file_location(module_name, target)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -98,7 +98,7 @@ class Session:
         self.build = build
         self.spec = build.spec
         self.graphs = build.graphs
-        self.backend = backend_class(build.graphs, weights, threads=threads)
+        self.backend = backend_class(build.graphs, weights, threads=threads, artifacts=build.path)
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
         """tokens (B, T) -> logits (B, T, vocab) and the state to continue from."""

@@ -5,18 +5,14 @@ contain (every shipped small spec, lowered and optimized). Also: whole optimized
 compute what they compute, and the registries hold exactly one entry per op."""
 
 import dataclasses
-import math
 
 import pytest
-import torch
 
 from conftest import SPECS
 from graph_inputs import assert_outputs_close, random_inputs, run_graph
-from umc.dtypes import torch_dtype
-from umc.ir.builder import GraphBuilder
-from umc.ir.core import IRError, TensorType
-from umc.ir.dims import evaluate_shape
-from umc.ir.expand import decomposition_graph, expand
+from op_samples import check_instance, run_impl
+from umc.ir.core import IRError
+from umc.ir.expand import expand
 from umc.ir.ops import OPS
 from umc.ir.ops.registry import decomposition
 from umc.lower import lower
@@ -24,14 +20,11 @@ from umc.passes import run_pipeline
 from umc.reference import build_model
 from umc.runtime.torch_ops import FORCED_IMPLS, TORCH_IMPLS, impl
 from umc.spec import load_spec
-from umc.verify import Stage, judge
 
-SIZES = {"B": 2, "T": 3, "S_past": 2}
 EXAMPLE_SPECS = ["ultramem-tiny", "pkm-tiny", "ablation/01-pkm", "ablation/03-half-vdim-proj", "ablation/07-ive",
                  "ablation/10-improved-init"]
 VARIANTS = [("ultramem-tiny", {"query_conv": None}), ("ultramem-tiny", {"query_conv": 1}),
             ("pkm-tiny", {"query_conv": 2}), ("ultramem-tiny", {"share_query": False, "value_expansion": 9})]
-BF16_TOLERANCE = 8 * 2**-8  # eight bfloat16 rounding steps of the output's scale
 
 
 def example_specs():
@@ -58,103 +51,6 @@ EXAMPLES = collect_examples()
 DECOMPOSED = sorted(name for name, op in OPS.items() if not op.primitive)
 
 
-def sample_inputs(op: str, types, attrs, seed: int) -> list[torch.Tensor]:
-    """Valid inputs for one op instance: each operand's declared constraint honoured, floats standard normal."""
-    gen = torch.Generator().manual_seed(seed)
-    ports = OPS[op].inputs
-    shapes = [evaluate_shape(t.shape, SIZES) for t in types]
-    names = [ports[min(i, len(ports) - 1)].name for i in range(len(types))]
-    out = []
-    for i, (t, shape) in enumerate(zip(types, shapes)):
-        port = ports[min(i, len(ports) - 1)]
-        if port.index_of:
-            if len(port.index_of) == 1:
-                bound = math.prod(attrs[name] for name in port.index_of[0].split("*"))
-            else:
-                source, axis = port.index_of
-                axis = attrs[axis] if isinstance(axis, str) else axis
-                bound = shapes[names.index(source)][axis]
-            if port.distinct:
-                rows = [torch.randperm(bound, generator=gen)[:shape[-1]] for _ in range(max(1, int(torch.tensor(shape[:-1]).prod())))]
-                out.append(torch.stack(rows).reshape(shape))
-            else:
-                out.append(torch.randint(0, bound, shape, generator=gen))
-        elif port.permutation:
-            out.append(torch.randperm(shape[0], generator=gen))
-        elif port.nonnegative or t.dtype == "i64":
-            out.append(torch.randint(0, 1000, shape, generator=gen))
-        else:
-            out.append(torch.randn(shape, generator=gen).to(torch_dtype(t.dtype)))
-    return out
-
-
-def as_dtype(types, dtype: str):
-    return tuple(TensorType(dtype, t.shape) if t.dtype in ("f32", "bf16", "f16", "f64") else t for t in types)
-
-
-def run_decomposition(op, types, attrs, inputs):
-    graph = decomposition_graph(op, types, dict(attrs))
-    outs = run_graph(graph, {}, {f"in{i}": x for i, x in enumerate(inputs)})
-    return [outs[name] for name in OPS[op].outputs]
-
-
-def run_impl(op, attrs, inputs):
-    concrete = dict(attrs)
-    for a in OPS[op].attrs:
-        if a.kind in ("dim", "dims") and a.name in concrete:
-            value = concrete[a.name]
-            concrete[a.name] = evaluate_shape(value, SIZES) if isinstance(value, tuple) else evaluate_shape((value,), SIZES)[0]
-    return list(TORCH_IMPLS[op](concrete, *inputs))
-
-
-def cast_floats(inputs, dtype):
-    return [x.to(dtype) if x.is_floating_point() else x for x in inputs]
-
-
-def candidate_stage(op, types, attrs, inputs, chosen, low_dtype):
-    """The selection's candidates scored in float64 and in the low dtype, as a verification Stage."""
-    selection = OPS[op].selection
-    outs = {}
-    for dtype in ("f64", low_dtype):
-        b_types = as_dtype(types, dtype)
-        b = GraphBuilder("candidates")
-        values = tuple(b.input(f"in{i}", t) for i, t in enumerate(b_types))
-        scores, ids = selection.candidates(b, values, dict(attrs))
-        graph = b.build({"scores": scores, "ids": ids})
-        feeds = {f"in{i}": x for i, x in enumerate(cast_floats(inputs, torch_dtype(dtype)))}
-        outs[dtype] = run_graph(graph, {}, feeds)
-    scores64, ids = outs["f64"]["scores"], outs["f64"]["ids"]
-    rounding = (outs[low_dtype]["scores"].double() - scores64).abs().amax(-1)
-    return Stage("candidates", chosen, ids, scores64, rounding)
-
-
-def aligned(outputs, chosen_index, chosen):
-    """Non-selection outputs reordered by the chosen ids (ties may order a selection differently)."""
-    order = chosen.argsort(-1)
-    result = []
-    for k, out in enumerate(outputs):
-        if k == chosen_index:
-            result.append(chosen.gather(-1, order))
-        elif out.shape[:order.dim()] == order.shape:
-            index = order.reshape(*order.shape, *[1] * (out.dim() - order.dim())).expand(out.shape)
-            result.append(out.gather(order.dim() - 1, index))
-        else:
-            result.append(out)
-    return result
-
-
-def assert_close(name, got, want, exact, tolerance):
-    """Integer outputs equal; float outputs of both within ``tolerance`` x max |float64| of the float64 run."""
-    for k, (g, w, e) in enumerate(zip(got, want, exact)):
-        assert g.shape == w.shape == e.shape, (name, k)
-        if not g.is_floating_point() or not g.numel():
-            assert torch.equal(g, w), (name, k)
-            continue
-        scale = max(e.double().abs().max().item(), 1e-30)
-        for x in (g, w):
-            assert (x.double() - e.double()).abs().max().item() <= tolerance * scale, (name, k)
-
-
 def test_every_decomposed_op_appears_in_some_graph():
     assert set(DECOMPOSED) <= set(EXAMPLES), sorted(set(DECOMPOSED) - set(EXAMPLES))
     assert {"gather_pool", "norm_conv_query_proj", "conv_query_proj", "gathered_rank_scores", "key_scores"} <= set(DECOMPOSED)
@@ -164,25 +60,7 @@ def check_op(op: str, dtype: str) -> None:
     """The op's torch implementation against its decomposition on every example instance; AssertionError if not."""
     low = "bf16" if dtype == "bfloat16" else "f32"
     for n, (types, attrs) in enumerate(EXAMPLES[op]):
-        types = as_dtype(types, low)
-        inputs = sample_inputs(op, types, dict(attrs), seed=n)
-        got = run_impl(op, attrs, inputs)
-        want = run_decomposition(op, types, attrs, inputs)
-        exact = run_decomposition(op, as_dtype(types, "f64"), attrs, cast_floats(inputs, torch.float64))
-        tolerance = 1e-5 if dtype == "float32" else BF16_TOLERANCE
-        selection = OPS[op].selection
-        if selection is None:
-            assert_close(op, got, want, exact, tolerance)
-            continue
-        k = selection.chosen
-        for chosen in (got[k], want[k]):  # both are top-m choices up to the rounding of the dtype
-            verdict = judge(candidate_stage(op, types, attrs, inputs, chosen, low))
-            assert not verdict.failed.any(), (op, n, "selection not admissible")
-        as_set = lambda outs: outs[k].sort(-1).values
-        same = ((as_set(got) == as_set(want)) & (as_set(want) == as_set(exact))).all(-1)
-        assert same.float().mean() > 0.5, (op, n, "most selections should not be ties")
-        pick = lambda outs: [o[same] for o in aligned(outs, k, outs[k])]
-        assert_close(op, pick(got), pick(want), pick(exact), tolerance)
+        check_instance(op, types, attrs, lambda inputs: run_impl(op, attrs, inputs), n, low)
 
 
 @pytest.mark.parametrize("op", DECOMPOSED)

@@ -28,6 +28,7 @@ def _user_error_types() -> tuple[type, ...]:
     from safetensors import SafetensorError
 
     from umc.compiler import BuildError
+    from umc.kernels import KernelFileError
     from umc.manifest import BuildDirError
     from umc.reference.weights import WeightsError
     from umc.resources import ResourceError
@@ -36,7 +37,7 @@ def _user_error_types() -> tuple[type, ...]:
     from umc.verify import VerifyError
 
     return (SpecError, WeightsError, BuildError, BuildDirError, BindError, InputError, BackendError, ResourceError,
-            VerifyError, SafetensorError, OSError)
+            VerifyError, KernelFileError, SafetensorError, OSError)
 
 
 def _internal_error(exc: BaseException) -> None:
@@ -238,15 +239,27 @@ def _pass_list(value: str | None) -> tuple[str, ...] | None:
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="A safetensors file to check against the graphs and ship in the build.")
 @click.option("--force", is_flag=True, help="Replace an existing build directory.")
+@click.option("--target", "targets", default=None,
+              help="Also compile the generated Triton kernels ahead of time for these GPUs (e.g. sm_80,sm_90).")
+@click.option("--ptx-version", type=click.IntRange(60, 99), default=None,
+              help="PTX ISA version to emit, times ten (e.g. 80 for 8.0; default: Triton's for each target).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
-def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, force, quiet):
-    """Compile a spec into a build directory (IR, graphs, report)."""
+def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, force, targets, ptx_version, quiet):
+    """Compile a spec into a build directory (IR, graphs, generated kernels, report)."""
     from umc.compiler import compile as compile_spec
+    from umc.kernels.aot import AOTError, parse_targets
 
+    try:
+        chosen_targets = parse_targets(targets) if targets is not None else ()
+    except AOTError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
+    if ptx_version is not None and not chosen_targets:
+        raise click.BadParameter("needs --target (it applies to the ahead-of-time compile)", param_hint="--ptx-version")
     say = (lambda _: None) if quiet else (lambda line: click.echo(line, err=True))
     build = compile_spec(spec_path, out_dir, passes=_pass_list(passes), disable=tuple(disabled),
-                         dump_after=dump_after, force=force, weights=weights, progress=say)
+                         dump_after=dump_after, force=force, weights=weights, progress=say, targets=chosen_targets,
+                         ptx_version=ptx_version)
     if not quiet:
         final = build.report["decode_cost_batch1"]
         click.echo(f"{build.spec.name}: passes {', '.join(build.passes) or '(none)'}; "

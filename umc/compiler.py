@@ -26,6 +26,8 @@ from umc.ir.core import Graph
 from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
 from umc.ir.view import to_dot
+from umc.kernels import kernel_sources
+from umc.kernels.aot import AOTError, compile_kernels
 from umc.lower import lower
 from umc.dtypes import BY_IR
 from umc.fsutil import exclusive_lock, rename_noreplace
@@ -153,12 +155,29 @@ def report_markdown(report: dict) -> str:
     lines += ["", "## What each pass changed", ""]
     for entry in report["passes"]:
         lines.append(f"- **{entry['name']}**: " + ("; ".join(entry["notes"]) if entry["notes"] else "nothing to do"))
+    lines += kernels_markdown(report.get("kernels", {}))
     return "\n".join(lines) + "\n"
 
 
+def kernels_markdown(kernels: dict) -> list[str]:
+    """The report's kernel section: each generated kernel, who uses it, and what it uses per compiled target."""
+    if not kernels:
+        return []
+    lines = ["", "## Kernels (kernels/)", "", "| kernel | used by | target | registers | shared bytes | local bytes | warps |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in kernels.items():
+        used = markdown_text(", ".join(entry["used_by"]))
+        for target, use in (entry.get("targets") or {"—": None}).items():
+            numbers = ("—",) * 4 if use is None else (use["registers"], use["shared_bytes"], use["local_bytes"],
+                                                      use["num_warps"])
+            lines.append(f"| `{name}` | {used} | {target} | " + " | ".join(map(str, numbers)) + " |")
+    return lines
+
+
 def _write_tree(root: Path, spec: Spec, passes: tuple[str, ...], initial: dict[str, Graph],
-                results: dict[str, list[PassResult]], dump_after: str | None, report: dict) -> None:
-    files: dict[str, str] = {"spec.json": _json(spec.to_dict())}
+                results: dict[str, list[PassResult]], dump_after: str | None, report: dict,
+                kernel_files: dict[str, str]) -> None:
+    files: dict[str, str] = {"spec.json": _json(spec.to_dict()), **kernel_files}
     for kind in ("prefill", "decode"):
         files[f"ir/{kind}.00-initial.txt"] = format_graph(initial[kind])
         for i, result in enumerate(results[kind], start=1):
@@ -317,14 +336,17 @@ def _replace_build(staging: Path, out: Path) -> None:
 
 def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, *, passes: tuple[str, ...] | None = None,
             disable: tuple[str, ...] = (), dump_after: str | None = None, force: bool = False,
-            weights: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> Build:
+            weights: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
+            targets: tuple[int, ...] = (), ptx_version: int | None = None) -> Build:
     """Compile a spec (or spec file) into ``out_dir``; see the module docstring for what is written.
 
     ``weights``: a safetensors file checked against the model's parameters (every one present with
     its shape and dtype, nothing else; read from its header only) and copied into the build as
     ``weights.safetensors``. An existing ``out_dir`` is refused unless ``force`` (see
     ``_check_replaceable``); the final rename checks again, so a directory that appears during
-    the compile is refused too.
+    the compile is refused too. The generated Triton kernels are written to ``kernels/``; with
+    ``targets`` (compute capabilities, e.g. (80, 90)) they are also compiled ahead of time to PTX and
+    cubins there (``ptx_version``: Triton's default per target when None), and what each uses is reported.
     """
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     chosen = select_passes(passes, disable)
@@ -349,15 +371,30 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
             results[kind].append(apply_pass(name, before))
             counts.append(f"{kind} {len(before.nodes)}→{len(results[kind][-1].graph.nodes)}")
         say(f"[{i + 1}/{len(chosen)}] {name}: {', '.join(counts)} nodes")
-    report = _report(spec, initial, results)
     finals = {k: (results[k][-1].graph if results[k] else initial[k]) for k in initial}
+    kernels = kernel_sources(finals)
+    report = _report(spec, initial, results)
+    report["kernels"] = {name: {"op": source.op, "specialization": source.specialization, "constants": source.constants,
+                                "used_by": list(users)} for name, (source, users) in kernels.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         staging.chmod(0o755)
         if weights is not None:
             shutil.copyfile(weights, staging / "weights.safetensors")
-        _write_tree(staging, spec, chosen, initial, results, dump_after, report)
+        files = {f"kernels/{name}.py": source.text(users) for name, (source, users) in kernels.items()}
+        if targets:
+            say(f"compiling {len(kernels)} kernels for {', '.join(f'sm_{cc}' for cc in targets)}")
+            (staging / "kernels").mkdir()
+            for name, text in files.items():
+                (staging / name).write_text(text, encoding="utf-8")
+            try:
+                compiled = compile_kernels(staging / "kernels", targets, ptx_version)
+            except AOTError as exc:
+                raise BuildError(f"ahead-of-time kernel compile failed: {exc}") from None
+            for name, per_target in compiled.items():
+                report["kernels"][name]["targets"] = per_target
+        _write_tree(staging, spec, chosen, initial, results, dump_after, report, files)
         _swap_into_place(staging, out, force)
     finally:
         if staging.exists():

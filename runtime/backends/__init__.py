@@ -1,9 +1,10 @@
 """The backend registry: one module per backend in this package, each registering one class.
 
 A backend says its name, whether it can run here (and why not), and how to run a graph:
-it is constructed with the graphs of a build (``prefill``/``decode``, or one ``layer``) and
-their weights, binds the weights once, and ``run(kind, feeds, sizes)`` returns every named
-output of that graph. Everything else — input, token and state checks, state bookkeeping,
+it is constructed with the graphs of a build (``prefill``/``decode``, or one ``layer``), their
+weights and the build directory when there is one (``artifacts``: where generated kernels
+live), binds the weights once, and ``run(kind, feeds, sizes)`` returns every named output of
+that graph. Everything else — input, token and state checks, state bookkeeping,
 selection taps, verification — lives in the session and the verifier, so adding a backend is
 adding one module here (and its tests). Modules are discovered by name; nothing lists them.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -33,9 +35,11 @@ class Backend:
         """None when the backend can run on this machine, else the reason it cannot."""
         return None
 
-    def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True):
+    def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
+                 artifacts: Path | None = None):
         self.graphs = dict(graphs)
         self.threads = threads
+        self.artifacts = artifacts
 
     def run(self, kind: str, feeds: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
             force: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -34,13 +34,15 @@ def _concrete(value: Any, sizes: Mapping[str, int]) -> Any:
 
 
 class Program:
-    """One graph prepared for repeated execution."""
+    """One graph prepared for repeated execution; ``overrides`` runs given per-call nodes (by index) with
+    another implementation than the op's torch one (e.g. a generated kernel)."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, overrides: Mapping[int, Callable] | None = None):
         self.graph = graph
         missing = sorted({n.op for n in graph.all_nodes()} - set(TORCH_IMPLS))
         if missing:
             raise BackendError(f"graph {graph.name}: ops without a torch implementation: {', '.join(missing)}")
+        self.impls = [(overrides or {}).get(i, TORCH_IMPLS[n.op]) for i, n in enumerate(graph.nodes)]
         self.attrs = [dict(n.attrs) for n in graph.nodes]
         self.symbolic = [_symbolic_attrs(n) for n in graph.nodes]
         self.free_after = self._free_plan()
@@ -81,7 +83,7 @@ class Program:
                 raise BackendError(f"op {node.op} cannot be forced to a selection")
             outs = FORCED_IMPLS[node.op](attrs, inputs, forced[i])
         else:
-            outs = TORCH_IMPLS[node.op](attrs, *inputs)
+            outs = self.impls[i](attrs, *inputs)
         for value, tensor in zip(node.outputs, outs, strict=True):  # an implementation must return every output
             env[value.id] = tensor
         for value_id in self.free_after[i]:
@@ -164,10 +166,15 @@ class GraphBackend(Backend):
 
     name = "graph"
 
-    def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True):
-        super().__init__(graphs, weights, threads)
-        self.programs = {kind: Program(graph) for kind, graph in self.graphs.items()}
+    def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
+                 artifacts=None):
+        super().__init__(graphs, weights, threads, artifacts)
+        self.programs = {kind: Program(graph, self.overrides(graph)) for kind, graph in self.graphs.items()}
         self.bound = bind_shared(self.graphs, weights)
+
+    def overrides(self, graph: Graph) -> dict[int, Callable]:
+        """Per-call nodes (by index) run by something else than their op's torch implementation: none here."""
+        return {}
 
     def run(self, kind, feeds, sizes, force=None, observer: Observer | None = None):
         """See ``Backend.run``; ``observer`` is called with each node as it starts (on the thread running it)."""
