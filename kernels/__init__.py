@@ -51,7 +51,7 @@ def _coarse_topm(node: Node) -> KernelSource:
     heads, n, kd = keys.shape
     m = node.attr("k")
     m_pad = pow2(m)
-    constants = {"HEADS": heads, "N": n, "KD": kd, "KD_PAD": pow2(kd), "M": m, "M_PAD": m_pad,
+    constants = {"HEADS": heads, "N": n, "KD": kd, "BLOCK_D": min(pow2(kd), 64), "M": m, "M_PAD": m_pad,
                  "BLOCK_N": max(m_pad, min(pow2(n), 64))}
     pointers = {"q_ptr": q, "keys_ptr": keys, "values_ptr": node.outputs[0].type, "indices_ptr": node.outputs[1].type}
     return render("coarse_topm", templates.COARSE_TOPM, constants, pointers, _specialization(node, ("q", "keys")))
@@ -63,8 +63,9 @@ def _grid_topm(node: Node) -> KernelSource:
     heads, n, kd, rank = types[2].shape
     cores = types[6].shape[1]
     m = types[4].shape[-1]
-    constants = {"HEADS": heads, "N": n, "KD": kd, "KD_PAD": pow2(kd), "R": rank, "R_PAD": pow2(rank),
-                 "CORES": cores, "M": m, "M_PAD": pow2(m)}
+    m_pad = pow2(m)
+    constants = {"HEADS": heads, "N": n, "KD": kd, "BLOCK_D": min(pow2(kd), 32), "R": rank, "R_PAD": pow2(rank),
+                 "CORES": cores, "M": m, "M_PAD": m_pad, "BLOCK_I": min(m_pad, 16)}
     names = ("q_row", "q_col", "keys_row", "keys_col", "i_row", "i_col", "cores")
     pointers = {f"{name}_ptr": t for name, t in zip(names, types)}
     pointers.update({"address_ptr": node.outputs[0].type, "scores_ptr": node.outputs[1].type})
@@ -78,7 +79,7 @@ def _lookup_pool(node: Node) -> KernelSource:
     table, address, scores, *perm = (v.type for v in node.inputs)
     picks = address.shape[2] * address.shape[3]
     vdim = table.shape[1]
-    constants = {"K": picks, "K_PAD": pow2(picks), "VDIM": vdim, "BLOCK_V": min(pow2(vdim), 64),
+    constants = {"K": picks, "K_PAD": pow2(picks), "VDIM": vdim, "BLOCK_V": min(pow2(vdim), 32),
                  "CORES": scores.shape[-1], "NPHYS": node.attr("N"), "E": node.attr("E"), "HAS_PERM": bool(perm)}
     pointers = {"table_ptr": table, "address_ptr": address, "scores_ptr": scores, "perm_ptr": perm[0] if perm else address,
                 "out_ptr": node.outputs[0].type}

@@ -43,20 +43,22 @@ COARSE_TOPM = HEAD + PACKING + '''
 
 @triton.jit
 def $kernel(q_ptr, keys_ptr, values_ptr, indices_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr,
-            KD_PAD: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Top M of q . K[head, n, :] over the N keys of one (token, head), streaming over BLOCK_N keys at a time with
-    a running top M_PAD (the scores never reach global memory)."""
+            BLOCK_D: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Top M of q . K[head, n, :] over the N keys of one (token, head), streaming over BLOCK_N keys (and BLOCK_D of
+    their KD dims) at a time with a running top M_PAD: the scores never reach global memory."""
     row = tl.program_id(0).to(tl.int64)
     head = row % HEADS
-    d = tl.arange(0, KD_PAD)
-    q = tl.load(q_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
     best = tl.zeros((M_PAD,), dtype=tl.uint64)
     for start in tl.range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         valid = keys < N
-        offsets = (head * N + keys[:, None]) * KD + d[None, :]
-        k = tl.load(keys_ptr + offsets, mask=valid[:, None] & (d[None, :] < KD), other=0.0).to(tl.float32)
-        scores = tl.sum(k * q[None, :], axis=1)
+        scores = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in tl.range(0, KD, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            q = tl.load(q_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
+            offsets = (head * N + keys[:, None]) * KD + d[None, :]
+            k = tl.load(keys_ptr + offsets, mask=valid[:, None] & (d[None, :] < KD), other=0.0).to(tl.float32)
+            scores += tl.sum(k * q[None, :], axis=1)
         block_best = tl.topk(pack_keys(scores, keys, valid), M_PAD)
         best = tl.topk(tl.cat(best, block_best, can_reorder=True), M_PAD)
     out = tl.arange(0, M_PAD)
@@ -83,15 +85,20 @@ KERNEL = $kernel
 GRID_TOPM = HEAD + PACKING + '''
 
 @triton.jit
-def winner_rank_scores(q, keys_ptr, index, head, valid, N: tl.constexpr, KD: tl.constexpr, KD_PAD: tl.constexpr,
-                       R: tl.constexpr, R_PAD: tl.constexpr):
-    """S[i, r] = q . K[head, index[i], :, r] for the gathered keys: (len(index), R_PAD) in float32."""
-    d = tl.arange(0, KD_PAD)
+def rank_scores(q_ptr, row, keys_ptr, index, head, valid, N: tl.constexpr, KD: tl.constexpr, BLOCK_D: tl.constexpr,
+                R: tl.constexpr, R_PAD: tl.constexpr):
+    """S[i, r] = q . K[head, index[i], :, r] for gathered keys, accumulated over BLOCK_D dims at a time:
+    (len(index), R_PAD) in float32."""
     r = tl.arange(0, R_PAD)
-    offsets = ((head * N + index[:, None, None]) * KD + d[None, :, None]) * R + r[None, None, :]
-    mask = valid[:, None, None] & (d[None, :, None] < KD) & (r[None, None, :] < R)
-    k = tl.load(keys_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return tl.sum(k * q[None, :, None], axis=1)
+    out = tl.zeros((index.shape[0], R_PAD), dtype=tl.float32)
+    for d0 in tl.range(0, KD, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
+        offsets = ((head * N + index[:, None, None]) * KD + d[None, :, None]) * R + r[None, None, :]
+        mask = valid[:, None, None] & (d[None, :, None] < KD) & (r[None, None, :] < R)
+        k = tl.load(keys_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        out += tl.sum(k * q[None, :, None], axis=1)
+    return out
 
 
 @triton.jit
@@ -104,37 +111,42 @@ def core_matrix(cores_ptr, head, c, CORES: tl.constexpr, R: tl.constexpr, R_PAD:
 
 @triton.jit
 def $kernel(q_row_ptr, q_col_ptr, keys_row_ptr, keys_col_ptr, i_row_ptr, i_col_ptr, cores_ptr, address_ptr,
-            scores_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr, KD_PAD: tl.constexpr,
-            R: tl.constexpr, R_PAD: tl.constexpr, CORES: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr):
-    """For one (token, head): the winners' rank scores per side, the M x M grid sum_c S_row C_c S_colᵀ, its top M
-    (grid addresses i_row[i] * N + i_col[j]) and each core's score at the winners."""
+            scores_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr, BLOCK_D: tl.constexpr,
+            R: tl.constexpr, R_PAD: tl.constexpr, CORES: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+            BLOCK_I: tl.constexpr):
+    """For one (token, head): the winners' rank scores per side, the M x M grid sum_c S_row C_c S_colᵀ taken
+    BLOCK_I rows at a time with a running top M (grid addresses i_row[i] * N + i_col[j]), and each core's score
+    at the winners."""
     row = tl.program_id(0).to(tl.int64)
     head = row % HEADS
-    d = tl.arange(0, KD_PAD)
-    i = tl.arange(0, M_PAD)
-    valid = i < M
-    q_row = tl.load(q_row_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
-    q_col = tl.load(q_col_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
-    rows = tl.load(i_row_ptr + row * M + i, mask=valid, other=0)
-    cols = tl.load(i_col_ptr + row * M + i, mask=valid, other=0)
-    s_row = winner_rank_scores(q_row, keys_row_ptr, rows, head, valid, N, KD, KD_PAD, R, R_PAD)
-    s_col = winner_rank_scores(q_col, keys_col_ptr, cols, head, valid, N, KD, KD_PAD, R, R_PAD)
-    total = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-    for c in tl.static_range(CORES):
-        left = tl.sum(s_row[:, :, None] * core_matrix(cores_ptr, head, c, CORES, R, R_PAD)[None, :, :], axis=1)
-        total += tl.sum(left[:, None, :] * s_col[None, :, :], axis=2)
-    position = i[:, None] * M_PAD + i[None, :]
-    keys = pack_keys(total, position, valid[:, None] & valid[None, :])
-    best = key_index(tl.topk(tl.reshape(keys, (M_PAD * M_PAD,)), M_PAD))
-    win_row = tl.load(i_row_ptr + row * M + best // M_PAD, mask=valid, other=0)
-    win_col = tl.load(i_col_ptr + row * M + best % M_PAD, mask=valid, other=0)
-    tl.store(address_ptr + row * M + i, win_row * N + win_col, mask=valid)
-    w_row = winner_rank_scores(q_row, keys_row_ptr, win_row, head, valid, N, KD, KD_PAD, R, R_PAD)
-    w_col = winner_rank_scores(q_col, keys_col_ptr, win_col, head, valid, N, KD, KD_PAD, R, R_PAD)
+    j = tl.arange(0, M_PAD)
+    valid_j = j < M
+    cols = tl.load(i_col_ptr + row * M + j, mask=valid_j, other=0)
+    s_col = rank_scores(q_col_ptr, row, keys_col_ptr, cols, head, valid_j, N, KD, BLOCK_D, R, R_PAD)
+    best = tl.zeros((M_PAD,), dtype=tl.uint64)
+    for i0 in tl.range(0, M, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        valid_i = i < M
+        rows = tl.load(i_row_ptr + row * M + i, mask=valid_i, other=0)
+        s_row = rank_scores(q_row_ptr, row, keys_row_ptr, rows, head, valid_i, N, KD, BLOCK_D, R, R_PAD)
+        total = tl.zeros((BLOCK_I, M_PAD), dtype=tl.float32)
+        for c in tl.static_range(CORES):
+            left = tl.sum(s_row[:, :, None] * core_matrix(cores_ptr, head, c, CORES, R, R_PAD)[None, :, :], axis=1)
+            total += tl.sum(left[:, None, :] * s_col[None, :, :], axis=2)
+        position = i[:, None] * M_PAD + j[None, :]
+        keys = pack_keys(total, position, valid_i[:, None] & valid_j[None, :])
+        block_best = tl.topk(tl.reshape(keys, (BLOCK_I * M_PAD,)), M_PAD)
+        best = tl.topk(tl.cat(best, block_best, can_reorder=True), M_PAD)
+    winner = key_index(best)
+    win_row = tl.load(i_row_ptr + row * M + winner // M_PAD, mask=valid_j, other=0)
+    win_col = tl.load(i_col_ptr + row * M + winner % M_PAD, mask=valid_j, other=0)
+    tl.store(address_ptr + row * M + j, win_row * N + win_col, mask=valid_j)
+    w_row = rank_scores(q_row_ptr, row, keys_row_ptr, win_row, head, valid_j, N, KD, BLOCK_D, R, R_PAD)
+    w_col = rank_scores(q_col_ptr, row, keys_col_ptr, win_col, head, valid_j, N, KD, BLOCK_D, R, R_PAD)
     for c in tl.static_range(CORES):
         left = tl.sum(w_row[:, :, None] * core_matrix(cores_ptr, head, c, CORES, R, R_PAD)[None, :, :], axis=1)
         score = tl.sum(left * w_col, axis=1)
-        tl.store(scores_ptr + (row * M + i) * CORES + c, score.to(scores_ptr.dtype.element_ty), mask=valid)
+        tl.store(scores_ptr + (row * M + j) * CORES + c, score.to(scores_ptr.dtype.element_ty), mask=valid_j)
 
 
 def launch(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):

@@ -32,21 +32,23 @@ def key_score(key):
 
 
 @triton.jit
-def coarse_topm_b7de4ca86dcf(q_ptr, keys_ptr, values_ptr, indices_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr,
-            KD_PAD: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Top M of q . K[head, n, :] over the N keys of one (token, head), streaming over BLOCK_N keys at a time with
-    a running top M_PAD (the scores never reach global memory)."""
+def coarse_topm_94941367225f(q_ptr, keys_ptr, values_ptr, indices_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr,
+            BLOCK_D: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Top M of q . K[head, n, :] over the N keys of one (token, head), streaming over BLOCK_N keys (and BLOCK_D of
+    their KD dims) at a time with a running top M_PAD: the scores never reach global memory."""
     row = tl.program_id(0).to(tl.int64)
     head = row % HEADS
-    d = tl.arange(0, KD_PAD)
-    q = tl.load(q_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
     best = tl.zeros((M_PAD,), dtype=tl.uint64)
     for start in tl.range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         valid = keys < N
-        offsets = (head * N + keys[:, None]) * KD + d[None, :]
-        k = tl.load(keys_ptr + offsets, mask=valid[:, None] & (d[None, :] < KD), other=0.0).to(tl.float32)
-        scores = tl.sum(k * q[None, :], axis=1)
+        scores = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in tl.range(0, KD, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            q = tl.load(q_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
+            offsets = (head * N + keys[:, None]) * KD + d[None, :]
+            k = tl.load(keys_ptr + offsets, mask=valid[:, None] & (d[None, :] < KD), other=0.0).to(tl.float32)
+            scores += tl.sum(k * q[None, :], axis=1)
         block_best = tl.topk(pack_keys(scores, keys, valid), M_PAD)
         best = tl.topk(tl.cat(best, block_best, can_reorder=True), M_PAD)
     out = tl.arange(0, M_PAD)
@@ -61,10 +63,10 @@ def launch(q, keys):
     values = torch.empty(*q.shape[:-1], CONSTANTS["M"], dtype=q.dtype, device=q.device)
     indices = torch.empty(*q.shape[:-1], CONSTANTS["M"], dtype=torch.int64, device=q.device)
     if rows:
-        coarse_topm_b7de4ca86dcf[(rows,)](q, keys.contiguous(), values, indices, HEADS=2, N=16, KD=16, KD_PAD=16, M=6, M_PAD=8, BLOCK_N=16)
+        coarse_topm_94941367225f[(rows,)](q, keys.contiguous(), values, indices, HEADS=2, N=16, KD=16, BLOCK_D=16, M=6, M_PAD=8, BLOCK_N=16)
     return values, indices
 
 
-CONSTANTS = dict(HEADS=2, N=16, KD=16, KD_PAD=16, M=6, M_PAD=8, BLOCK_N=16)
-SIGNATURE = {'q_ptr': '*fp32', 'keys_ptr': '*fp32', 'values_ptr': '*fp32', 'indices_ptr': '*i64', 'HEADS': 'constexpr', 'N': 'constexpr', 'KD': 'constexpr', 'KD_PAD': 'constexpr', 'M': 'constexpr', 'M_PAD': 'constexpr', 'BLOCK_N': 'constexpr'}  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = coarse_topm_b7de4ca86dcf
+CONSTANTS = dict(HEADS=2, N=16, KD=16, BLOCK_D=16, M=6, M_PAD=8, BLOCK_N=16)
+SIGNATURE = {'q_ptr': '*fp32', 'keys_ptr': '*fp32', 'values_ptr': '*fp32', 'indices_ptr': '*i64', 'HEADS': 'constexpr', 'N': 'constexpr', 'KD': 'constexpr', 'BLOCK_D': 'constexpr', 'M': 'constexpr', 'M_PAD': 'constexpr', 'BLOCK_N': 'constexpr'}  # argument -> Triton type, for ahead-of-time compiles
+KERNEL = coarse_topm_94941367225f

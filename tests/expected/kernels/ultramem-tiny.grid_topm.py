@@ -32,15 +32,20 @@ def key_score(key):
 
 
 @triton.jit
-def winner_rank_scores(q, keys_ptr, index, head, valid, N: tl.constexpr, KD: tl.constexpr, KD_PAD: tl.constexpr,
-                       R: tl.constexpr, R_PAD: tl.constexpr):
-    """S[i, r] = q . K[head, index[i], :, r] for the gathered keys: (len(index), R_PAD) in float32."""
-    d = tl.arange(0, KD_PAD)
+def rank_scores(q_ptr, row, keys_ptr, index, head, valid, N: tl.constexpr, KD: tl.constexpr, BLOCK_D: tl.constexpr,
+                R: tl.constexpr, R_PAD: tl.constexpr):
+    """S[i, r] = q . K[head, index[i], :, r] for gathered keys, accumulated over BLOCK_D dims at a time:
+    (len(index), R_PAD) in float32."""
     r = tl.arange(0, R_PAD)
-    offsets = ((head * N + index[:, None, None]) * KD + d[None, :, None]) * R + r[None, None, :]
-    mask = valid[:, None, None] & (d[None, :, None] < KD) & (r[None, None, :] < R)
-    k = tl.load(keys_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return tl.sum(k * q[None, :, None], axis=1)
+    out = tl.zeros((index.shape[0], R_PAD), dtype=tl.float32)
+    for d0 in tl.range(0, KD, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
+        offsets = ((head * N + index[:, None, None]) * KD + d[None, :, None]) * R + r[None, None, :]
+        mask = valid[:, None, None] & (d[None, :, None] < KD) & (r[None, None, :] < R)
+        k = tl.load(keys_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        out += tl.sum(k * q[None, :, None], axis=1)
+    return out
 
 
 @triton.jit
@@ -52,38 +57,43 @@ def core_matrix(cores_ptr, head, c, CORES: tl.constexpr, R: tl.constexpr, R_PAD:
 
 
 @triton.jit
-def grid_topm_592e0c71b45e(q_row_ptr, q_col_ptr, keys_row_ptr, keys_col_ptr, i_row_ptr, i_col_ptr, cores_ptr, address_ptr,
-            scores_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr, KD_PAD: tl.constexpr,
-            R: tl.constexpr, R_PAD: tl.constexpr, CORES: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr):
-    """For one (token, head): the winners' rank scores per side, the M x M grid sum_c S_row C_c S_colᵀ, its top M
-    (grid addresses i_row[i] * N + i_col[j]) and each core's score at the winners."""
+def grid_topm_810e9d67fba5(q_row_ptr, q_col_ptr, keys_row_ptr, keys_col_ptr, i_row_ptr, i_col_ptr, cores_ptr, address_ptr,
+            scores_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr, BLOCK_D: tl.constexpr,
+            R: tl.constexpr, R_PAD: tl.constexpr, CORES: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+            BLOCK_I: tl.constexpr):
+    """For one (token, head): the winners' rank scores per side, the M x M grid sum_c S_row C_c S_colᵀ taken
+    BLOCK_I rows at a time with a running top M (grid addresses i_row[i] * N + i_col[j]), and each core's score
+    at the winners."""
     row = tl.program_id(0).to(tl.int64)
     head = row % HEADS
-    d = tl.arange(0, KD_PAD)
-    i = tl.arange(0, M_PAD)
-    valid = i < M
-    q_row = tl.load(q_row_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
-    q_col = tl.load(q_col_ptr + row * KD + d, mask=d < KD, other=0.0).to(tl.float32)
-    rows = tl.load(i_row_ptr + row * M + i, mask=valid, other=0)
-    cols = tl.load(i_col_ptr + row * M + i, mask=valid, other=0)
-    s_row = winner_rank_scores(q_row, keys_row_ptr, rows, head, valid, N, KD, KD_PAD, R, R_PAD)
-    s_col = winner_rank_scores(q_col, keys_col_ptr, cols, head, valid, N, KD, KD_PAD, R, R_PAD)
-    total = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-    for c in tl.static_range(CORES):
-        left = tl.sum(s_row[:, :, None] * core_matrix(cores_ptr, head, c, CORES, R, R_PAD)[None, :, :], axis=1)
-        total += tl.sum(left[:, None, :] * s_col[None, :, :], axis=2)
-    position = i[:, None] * M_PAD + i[None, :]
-    keys = pack_keys(total, position, valid[:, None] & valid[None, :])
-    best = key_index(tl.topk(tl.reshape(keys, (M_PAD * M_PAD,)), M_PAD))
-    win_row = tl.load(i_row_ptr + row * M + best // M_PAD, mask=valid, other=0)
-    win_col = tl.load(i_col_ptr + row * M + best % M_PAD, mask=valid, other=0)
-    tl.store(address_ptr + row * M + i, win_row * N + win_col, mask=valid)
-    w_row = winner_rank_scores(q_row, keys_row_ptr, win_row, head, valid, N, KD, KD_PAD, R, R_PAD)
-    w_col = winner_rank_scores(q_col, keys_col_ptr, win_col, head, valid, N, KD, KD_PAD, R, R_PAD)
+    j = tl.arange(0, M_PAD)
+    valid_j = j < M
+    cols = tl.load(i_col_ptr + row * M + j, mask=valid_j, other=0)
+    s_col = rank_scores(q_col_ptr, row, keys_col_ptr, cols, head, valid_j, N, KD, BLOCK_D, R, R_PAD)
+    best = tl.zeros((M_PAD,), dtype=tl.uint64)
+    for i0 in tl.range(0, M, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        valid_i = i < M
+        rows = tl.load(i_row_ptr + row * M + i, mask=valid_i, other=0)
+        s_row = rank_scores(q_row_ptr, row, keys_row_ptr, rows, head, valid_i, N, KD, BLOCK_D, R, R_PAD)
+        total = tl.zeros((BLOCK_I, M_PAD), dtype=tl.float32)
+        for c in tl.static_range(CORES):
+            left = tl.sum(s_row[:, :, None] * core_matrix(cores_ptr, head, c, CORES, R, R_PAD)[None, :, :], axis=1)
+            total += tl.sum(left[:, None, :] * s_col[None, :, :], axis=2)
+        position = i[:, None] * M_PAD + j[None, :]
+        keys = pack_keys(total, position, valid_i[:, None] & valid_j[None, :])
+        block_best = tl.topk(tl.reshape(keys, (BLOCK_I * M_PAD,)), M_PAD)
+        best = tl.topk(tl.cat(best, block_best, can_reorder=True), M_PAD)
+    winner = key_index(best)
+    win_row = tl.load(i_row_ptr + row * M + winner // M_PAD, mask=valid_j, other=0)
+    win_col = tl.load(i_col_ptr + row * M + winner % M_PAD, mask=valid_j, other=0)
+    tl.store(address_ptr + row * M + j, win_row * N + win_col, mask=valid_j)
+    w_row = rank_scores(q_row_ptr, row, keys_row_ptr, win_row, head, valid_j, N, KD, BLOCK_D, R, R_PAD)
+    w_col = rank_scores(q_col_ptr, row, keys_col_ptr, win_col, head, valid_j, N, KD, BLOCK_D, R, R_PAD)
     for c in tl.static_range(CORES):
         left = tl.sum(w_row[:, :, None] * core_matrix(cores_ptr, head, c, CORES, R, R_PAD)[None, :, :], axis=1)
         score = tl.sum(left * w_col, axis=1)
-        tl.store(scores_ptr + (row * M + i) * CORES + c, score.to(scores_ptr.dtype.element_ty), mask=valid)
+        tl.store(scores_ptr + (row * M + j) * CORES + c, score.to(scores_ptr.dtype.element_ty), mask=valid_j)
 
 
 def launch(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
@@ -93,11 +103,11 @@ def launch(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
     address = torch.empty(*i_row.shape, dtype=torch.int64, device=q_row.device)
     scores = torch.empty(*i_row.shape, CONSTANTS["CORES"], dtype=q_row.dtype, device=q_row.device)
     if rows:
-        grid_topm_592e0c71b45e[(rows,)](q_row, q_col, keys_row.contiguous(), keys_col.contiguous(), i_row.contiguous(),
-                         i_col.contiguous(), cores.contiguous(), address, scores, HEADS=2, N=16, KD=16, KD_PAD=16, R=2, R_PAD=2, CORES=2, M=6, M_PAD=8)
+        grid_topm_810e9d67fba5[(rows,)](q_row, q_col, keys_row.contiguous(), keys_col.contiguous(), i_row.contiguous(),
+                         i_col.contiguous(), cores.contiguous(), address, scores, HEADS=2, N=16, KD=16, BLOCK_D=16, R=2, R_PAD=2, CORES=2, M=6, M_PAD=8, BLOCK_I=8)
     return address, scores
 
 
-CONSTANTS = dict(HEADS=2, N=16, KD=16, KD_PAD=16, R=2, R_PAD=2, CORES=2, M=6, M_PAD=8)
-SIGNATURE = {'q_row_ptr': '*fp32', 'q_col_ptr': '*fp32', 'keys_row_ptr': '*fp32', 'keys_col_ptr': '*fp32', 'i_row_ptr': '*i64', 'i_col_ptr': '*i64', 'cores_ptr': '*fp32', 'address_ptr': '*i64', 'scores_ptr': '*fp32', 'HEADS': 'constexpr', 'N': 'constexpr', 'KD': 'constexpr', 'KD_PAD': 'constexpr', 'R': 'constexpr', 'R_PAD': 'constexpr', 'CORES': 'constexpr', 'M': 'constexpr', 'M_PAD': 'constexpr'}  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = grid_topm_592e0c71b45e
+CONSTANTS = dict(HEADS=2, N=16, KD=16, BLOCK_D=16, R=2, R_PAD=2, CORES=2, M=6, M_PAD=8, BLOCK_I=8)
+SIGNATURE = {'q_row_ptr': '*fp32', 'q_col_ptr': '*fp32', 'keys_row_ptr': '*fp32', 'keys_col_ptr': '*fp32', 'i_row_ptr': '*i64', 'i_col_ptr': '*i64', 'cores_ptr': '*fp32', 'address_ptr': '*i64', 'scores_ptr': '*fp32', 'HEADS': 'constexpr', 'N': 'constexpr', 'KD': 'constexpr', 'BLOCK_D': 'constexpr', 'R': 'constexpr', 'R_PAD': 'constexpr', 'CORES': 'constexpr', 'M': 'constexpr', 'M_PAD': 'constexpr', 'BLOCK_I': 'constexpr'}  # argument -> Triton type, for ahead-of-time compiles
+KERNEL = grid_topm_810e9d67fba5
