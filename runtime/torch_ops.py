@@ -359,7 +359,7 @@ def _coarse_topm_forced(attrs, inputs, chosen):
     return torch.take_along_dim(_coarse_scores(q, keys), chosen[1], dim=-1).to(q.dtype), chosen[1]
 
 
-def _winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
+def winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
     """Per-core Tucker grid (...,H,h,m,m) in float32 over the rows and columns kept."""
     heads = torch.arange(keys_row.shape[0]).view(*[1] * (i_row.dim() - 2), -1, 1)
     rows = torch.einsum("...hd,...hmdr->...hmr", q_row.float(), keys_row[heads, i_row].float())
@@ -369,7 +369,7 @@ def _winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
 
 @impl("grid_topm")
 def _grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
-    grid = _winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
+    grid = winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
     m = grid.shape[-1]
     winners = torch.topk(grid.flatten(-2).sum(-2), m, dim=-1).indices
     return _address(i_row, i_col, winners, m, attrs["n"]), _grid_scores(grid, winners).to(q_row.dtype)
@@ -377,7 +377,7 @@ def _grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
 
 @forced("grid_topm")
 def _grid_topm_forced(attrs, inputs, chosen):
-    grid = _winner_grid(*inputs)
+    grid = winner_grid(*inputs)
     address, i_row, i_col = chosen[0], inputs[4], inputs[5]
     return address, _grid_scores(grid, _positions(i_row, i_col, address, attrs["n"])).to(inputs[0].dtype)
 

@@ -22,8 +22,8 @@ class SequentialGraph(GraphBackend):
     name = "test-sequential"
     runs = 0
 
-    def __init__(self, graphs, weights, threads=True):
-        super().__init__(graphs, weights, threads=False)
+    def __init__(self, graphs, weights, threads=True, artifacts=None):
+        super().__init__(graphs, weights, threads=False, artifacts=artifacts)
 
     def run(self, kind, feeds, sizes, force=None, observer=None):
         type(self).runs += 1
@@ -50,7 +50,7 @@ def registered():
 def test_registry_lists_backends_and_explains_refusals():
     listed = list_backends()
     assert listed["graph"] is None and listed["test-accelerator"] == "no accelerator on this machine"
-    with pytest.raises(BackendError, match=r"unknown backend 'nope' \(available: graph, test-sequential\)"):
+    with pytest.raises(BackendError, match=r"unknown backend 'nope' \(available: graph, test-sequential, triton\)"):
         lookup_backend("nope")
     with pytest.raises(BackendError, match="cannot run here: no accelerator"):
         lookup_backend("test-accelerator")

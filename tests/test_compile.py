@@ -96,7 +96,7 @@ def test_modified_build_is_refused(tmp_path, tiny_spec):
 
     umc.compile(TINY, tmp_path / "b")
     path = tmp_path / "b" / "graphs" / "decode.json"
-    path.write_text(path.read_text().replace('"topm"', '"topk"'))
+    path.write_text(path.read_text().replace('"grid_topm"', '"grid_topk"'))
     with pytest.raises(BuildDirError, match="modified"):
         load(tmp_path / "b", weights=build_model(tiny_spec).state_dict())
 
@@ -124,8 +124,8 @@ def test_cli_compile_and_verify(tmp_path):
 def test_verify_fails_when_a_kernel_is_wrong(tmp_path, monkeypatch):
     """verify must be able to fail: perturb the fused pooling op's implementation."""
     umc.compile(TINY, tmp_path / "b")
-    honest = TORCH_IMPLS["gather_pool"]
-    monkeypatch.setitem(TORCH_IMPLS, "gather_pool", lambda attrs, *xs: tuple(1.01 * t for t in honest(attrs, *xs)))
+    honest = TORCH_IMPLS["lookup_pool"]
+    monkeypatch.setitem(TORCH_IMPLS, "lookup_pool", lambda attrs, *xs: tuple(1.01 * t for t in honest(attrs, *xs)))
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--steps", "1"])
     assert result.exit_code == 1
     assert "FAIL" in result.output

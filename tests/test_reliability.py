@@ -95,8 +95,8 @@ def test_non_finite_values_fail_every_comparison():
 
 
 def test_verify_fails_on_a_kernel_that_returns_nan(tiny_build, monkeypatch):
-    honest = TORCH_IMPLS["gather_pool"]
-    monkeypatch.setitem(TORCH_IMPLS, "gather_pool", lambda attrs, *xs: (honest(attrs, *xs)[0] * float("nan"),))
+    honest = TORCH_IMPLS["lookup_pool"]
+    monkeypatch.setitem(TORCH_IMPLS, "lookup_pool", lambda attrs, *xs: (honest(attrs, *xs)[0] * float("nan"),))
     result = CliRunner().invoke(main, ["verify", str(tiny_build), "--steps", "1"])
     assert result.exit_code == 1 and "non-finite" in result.output
 
@@ -200,8 +200,8 @@ def test_exit_codes(tmp_path, tiny_build, command, exit_code):
 
 
 def test_a_mismatch_exits_1_in_every_verifying_command(tmp_path, tiny_build, monkeypatch):
-    honest = TORCH_IMPLS["gather_pool"]
-    monkeypatch.setitem(TORCH_IMPLS, "gather_pool", lambda attrs, *xs: tuple(1.01 * t for t in honest(attrs, *xs)))
+    honest = TORCH_IMPLS["lookup_pool"]
+    monkeypatch.setitem(TORCH_IMPLS, "lookup_pool", lambda attrs, *xs: tuple(1.01 * t for t in honest(attrs, *xs)))
     assert CliRunner().invoke(main, ["verify", str(tiny_build), "--steps", "1"]).exit_code == 1
     golden = str(sorted(GOLDEN.glob("*.safetensors"))[0])
     assert CliRunner().invoke(main, ["verify-golden", golden]).exit_code == 1

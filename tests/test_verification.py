@@ -14,7 +14,7 @@ import torch
 import umc
 from conftest import SPECS
 from umc.reference import build_model
-from umc.runtime.torch_ops import TORCH_IMPLS
+from umc.runtime.torch_ops import TORCH_IMPLS, winner_grid
 from umc.verify import BAND_FACTOR, Stage, judge, prepare, selection_stages, trace_steps, verify_build
 
 SMALL_SPECS = sorted(SPECS.glob("ablation/*.yaml")) + [SPECS / "ultramem-tiny.yaml", SPECS / "pkm-tiny.yaml"]
@@ -102,17 +102,28 @@ def drop_best_additive(attrs, v_row, i_row, v_col, i_col):
 HONEST = dict(TORCH_IMPLS)
 
 
+def grid_topm_with(select):
+    """A grid_topm implementation whose selection over the (float32) grid is ``select`` — how the bugs above
+    reach the fused op the optimized graphs run."""
+    def fused(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
+        grid = winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
+        address, scores = select(attrs, grid, i_row, i_col)
+        return address, scores.to(q_row.dtype)
+
+    return fused
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_repeated_address_fails(tmp_path, monkeypatch, dtype):
     build = compiled(tmp_path, dtype=dtype)
-    monkeypatch.setitem(TORCH_IMPLS, "grid_select", repeat_best)
+    monkeypatch.setitem(TORCH_IMPLS, "grid_topm", grid_topm_with(repeat_best))
     checks = [c for c in verify_build(build, steps=2) if c.output.endswith(".selection")]
     assert checks and all(not c.ok and "repeated" in c.note for c in checks)
 
 
 def test_wrong_scores_at_the_right_addresses_fail(tmp_path, monkeypatch):
     build = compiled(tmp_path)
-    monkeypatch.setitem(TORCH_IMPLS, "grid_select", scaled_scores)
+    monkeypatch.setitem(TORCH_IMPLS, "grid_topm", grid_topm_with(scaled_scores))
     prefill = {c.output: c for c in verify_build(build, steps=0) if c.step == "prefill"}
     assert not prefill["mem0.scores"].ok and prefill["mem0.selection"].ok  # the first unit's inputs are untouched
 
@@ -157,7 +168,7 @@ def catch_rate(build, seeds) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_injected_swap_is_caught_as_often_as_rounding_allows(tmp_path, monkeypatch, dtype):
     build = compiled(tmp_path, dtype=dtype)
-    monkeypatch.setitem(TORCH_IMPLS, "grid_select", swap_in_next)
+    monkeypatch.setitem(TORCH_IMPLS, "grid_topm", grid_topm_with(swap_in_next))
     rates = catch_rate(build, SEEDS)
     print(f"\n{dtype}: injected (m+1)-th swap caught in {rates['caught']:.1%} of {rates['token-heads']} token-heads; "
           f"ceiling {rates['ceiling']:.1%} (whole-model rounding: {rates['whole-model ceiling']:.1%}); "

@@ -14,7 +14,7 @@ from umc.ir.core import Graph
 from umc.ir.dims import evaluate_shape
 from umc.ir.ops import OPS, Concrete
 
-VALUE_GATHERS = ("gather_values", "gather_pool")
+VALUE_GATHERS = ("gather_values", "gather_pool", "lookup_pool")
 BATCHES = (1, 8, 64, 512)
 
 
