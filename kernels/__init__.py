@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -102,9 +103,9 @@ def kernel_sources(graphs: dict[str, Graph]) -> dict[str, tuple[KernelSource, tu
 
 @cache
 def _private_directory() -> Path:
-    """This process's directory of kernel files to import (removed at exit)."""
-    path = Path(tempfile.mkdtemp(prefix="umc-kernels-"))
-    atexit.register(shutil.rmtree, path, True)
+    """This process's directory of kernel files to import (removed when this process exits, not a forked child)."""
+    path, owner = Path(tempfile.mkdtemp(prefix="umc-kernels-")), os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, True))
     return path
 
 
@@ -112,21 +113,24 @@ class KernelFileError(ValueError):
     """A kernel file in a build that is not what this umc renders for its graphs (edited, or forged)."""
 
 
-def load(source: KernelSource, directory: Path | None = None):
-    """The imported module of a kernel: from ``directory/<name>.py`` (a build's kernels), whose code must be
-    exactly ``source``'s, or rendered afresh when there is no directory. The checked bytes are copied to a
-    private directory and imported from there, so nothing can change them between the check and the import."""
-    target = _private_directory() / f"{source.name}.py"
-    if directory is None:
-        target.write_text(source.text(), encoding="utf-8")
-    else:
-        data = (directory / f"{source.name}.py").read_bytes()
-        body = data.decode("utf-8", errors="replace").partition(BODY_MARK)[2]
-        if body != source.body:
-            raise KernelFileError(f"{directory / (source.name + '.py')} is not the kernel this umc generates for its "
-                                  f"graph (sha256 {hashlib.sha256(data).hexdigest()[:12]}): recompile the build")
-        target.write_bytes(data)
+def load(source: KernelSource, directory: Path | None = None, listed: frozenset[str] = frozenset()):
+    """The imported module of a kernel. With a build's ``directory``, its ``<name>.py`` must be listed in the build's
+    manifest (``listed``: the manifest's artifact names) and its code be exactly what this umc renders for the node;
+    either way the module imported is umc's own rendering (written to a private directory), never the file's
+    bytes, so a file cannot bring code of its own. Modules are cached by name."""
     module_name = f"umc_kernel_{source.name}"
+    if directory is not None:
+        file = directory / f"{source.name}.py"
+        if f"kernels/{file.name}" not in listed:
+            raise KernelFileError(f"{file} is not listed in the build's manifest: recompile the build")
+        data = file.read_bytes()
+        if data.decode("utf-8", errors="replace").partition(BODY_MARK)[2] != source.body:
+            raise KernelFileError(f"{file} is not the kernel this umc generates for its graph "
+                                  f"(sha256 {hashlib.sha256(data).hexdigest()[:12]}): recompile the build")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    target = _private_directory() / f"{source.name}.py"
+    target.write_text(source.text(), encoding="utf-8")
     spec = importlib.util.spec_from_file_location(module_name, target)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 SHARED_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
-NUM_WARPS = 4
+NUM_WARPS = 4  # Triton's default, as the launch functions use it
+TIMEOUT_S = 1800
 
 
 class AOTError(ValueError):
@@ -45,12 +46,19 @@ def compile_kernels(directory: Path, targets: tuple[int, ...], ptx_version: int 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory(prefix="umc-triton-cache-") as cache:
         env["TRITON_CACHE_DIR"] = cache
-        command = [sys.executable, "-m", "umc.kernels.aot", str(directory), ",".join(map(str, targets)),
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ in the build
+        command = [sys.executable, "-B", "-m", "umc.kernels.aot", str(directory), ",".join(map(str, targets)),
                    str(ptx_version or 0)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AOTError(f"compiling the kernels took longer than {TIMEOUT_S} s") from None
     if done.returncode != 0:
         raise AOTError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "the compiler process failed")
-    compiled = json.loads(done.stdout)
+    try:
+        compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AOTError(f"the compiler process gave no result: {done.stdout[-300:]!r}") from None
     for name, per_target in compiled.items():
         for target, use in per_target.items():
             limit, constants = SHARED_LIMITS[int(target[3:])], use.pop("constants")
@@ -72,6 +80,7 @@ def _resource_usage(cubin: Path) -> dict[str, int]:
 
 
 def _compile_all(directory: Path, targets: list[int], ptx_version: int) -> dict:
+    """In the child process: compile every kernel file for every target, write PTX and cubins, report use."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -33,6 +33,13 @@ def key_score(key):
     return (ordered ^ flip).to(tl.float32, bitcast=True)
 '''
 
+FOOTER = '''
+
+CONSTANTS = dict($CONSTANTS)
+SIGNATURE = $SIGNATURE  # argument -> Triton type, for ahead-of-time compiles
+KERNEL = $kernel
+'''
+
 HEAD = '''"""A umc kernel (see the header): generated source, do not edit."""
 import torch
 import triton
@@ -76,11 +83,7 @@ def launch(q, keys):
         $kernel[(rows,)](q, keys.contiguous(), values, indices, $CONSTANTS)
     return values, indices
 
-
-CONSTANTS = dict($CONSTANTS)
-SIGNATURE = $SIGNATURE  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = $kernel
-'''
+''' + FOOTER
 
 GRID_TOPM = HEAD + PACKING + '''
 
@@ -160,11 +163,7 @@ def launch(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
                          i_col.contiguous(), cores.contiguous(), address, scores, $CONSTANTS)
     return address, scores
 
-
-CONSTANTS = dict($CONSTANTS)
-SIGNATURE = $SIGNATURE  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = $kernel
-'''
+''' + FOOTER
 
 LOOKUP_POOL = HEAD + '''
 
@@ -206,8 +205,4 @@ def launch(table, address, scores, perm=None):
                       out, $CONSTANTS)
     return (out,)
 
-
-CONSTANTS = dict($CONSTANTS)
-SIGNATURE = $SIGNATURE  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = $kernel
-'''
+''' + FOOTER

@@ -55,8 +55,8 @@ def _lookup_match(node: Node, ctx: Context):
     split = ctx.producer(node.inputs[1], "ive_split")
     if split is None:
         return None
-    if node.inputs[2].id != split.outputs[1].id:
-        return "its rows and blocks come from different addresses"
+    if (node.inputs[1].id, node.inputs[2].id) != (split.outputs[0].id, split.outputs[1].id):
+        return "its rows and blocks are not the two halves of one IVE split"
     shuffle = ctx.producer(split.inputs[0], "shuffle")
     private = all(ctx.only_read_by(v, node) for v in split.outputs) and (
         shuffle is None or ctx.only_read_by(shuffle.outputs[0], split))

@@ -143,8 +143,8 @@ def _layer_norm(attrs, x, w, b=None):
 def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
     """Rotate-half RoPE for x (B, heads, T, hd) at positions start..start+T-1."""
     steps, hd = x.shape[2], x.shape[3]
-    inv = torch.pow(theta, -torch.arange(0, hd // 2, dtype=torch.float32) / (hd // 2))
-    phase = torch.outer(torch.arange(start, start + steps, dtype=torch.float32), inv)
+    inv = torch.pow(theta, -torch.arange(0, hd // 2, dtype=torch.float32, device=x.device) / (hd // 2))
+    phase = torch.outer(torch.arange(start, start + steps, dtype=torch.float32, device=x.device), inv)
     cos = torch.cat([phase.cos(), phase.cos()], -1).to(x.dtype)
     sin = torch.cat([phase.sin(), phase.sin()], -1).to(x.dtype)
     half = hd // 2
@@ -163,7 +163,7 @@ def _attention(attrs, q, k, v, past_k=None, past_v=None):
     v = split(v, kv_heads)
     if past_k is not None:
         k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-    mask = torch.ones(steps, k.shape[2], dtype=torch.bool).tril(diagonal=start)
+    mask = torch.ones(steps, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=start)
     grouped_q = q.view(batch, kv_heads, heads // kv_heads, steps, hd)
     logits = torch.einsum("bgqtd,bgsd->bgqts", grouped_q, k) / hd ** 0.5
     weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
@@ -204,8 +204,12 @@ def _norm_keys(attrs, keys, w):
 
 
 impl("key_side")(one(lambda a, keys: keys[:, a["side"]]))
+def _key_scores(q, keys):
+    return torch.einsum("...hd,hkd->...hk", q, keys)
+
+
 impl("rank_scores")(accumulate_in_float32(one(lambda a, q, k: torch.einsum("...hd,hkdr->...hkr", q, k))))
-impl("key_scores")(accumulate_in_float32(one(lambda a, q, k: torch.einsum("...hd,hkd->...hk", q, k))))
+impl("key_scores")(accumulate_in_float32(one(lambda a, q, k: _key_scores(q, k))))
 impl("coarse_scores")(accumulate_in_float32(one(lambda a, s, u: torch.einsum("...hkr,hr->...hk", s, u[0, :, 0]))))
 impl("stack_cores")(one(lambda a, *cores: torch.stack(cores, 1)))
 
@@ -215,8 +219,11 @@ def _gather_rank_rows(attrs, s, index):
     return (torch.take_along_dim(s, index.unsqueeze(-1), dim=-2),)
 
 
-impl("tucker_grid")(accumulate_in_float32(one(
-    lambda a, rows, cols, cores: torch.einsum("...hir,hcrs,...hjs->...hcij", rows, cores, cols))))
+def _tucker_grid(rows, cols, cores):
+    return torch.einsum("...hir,hcrs,...hjs->...hcij", rows, cores, cols)
+
+
+impl("tucker_grid")(accumulate_in_float32(one(lambda a, rows, cols, cores: _tucker_grid(rows, cols, cores))))
 
 
 def _address(i_row, i_col, winners, m: int, n: int) -> torch.Tensor:
@@ -303,12 +310,12 @@ impl("slice_cols")(one(lambda a, w: w[:, a["start"]:a["stop"]]))
 impl("fold_rank")(one(lambda a, keys, u: torch.einsum("hkdr,hr->hkd", keys, u[0, :, 0])))
 
 
-@impl("gathered_rank_scores")
-@accumulate_in_float32
-def _gathered_rank_scores(attrs, q, keys, index):
-    heads = torch.arange(keys.shape[0]).view(*[1] * (index.dim() - 2), -1, 1)
-    picked = keys[heads, index]  # (...,H,m,kd,r)
-    return (torch.einsum("...hd,...hmdr->...hmr", q, picked),)
+def _winner_rank_scores(q, keys, index):
+    heads = torch.arange(keys.shape[0], device=keys.device).view(*[1] * (index.dim() - 2), -1, 1)
+    return torch.einsum("...hd,...hmdr->...hmr", q, keys[heads, index])  # keys gathered: (...,H,m,kd,r)
+
+
+impl("gathered_rank_scores")(accumulate_in_float32(one(lambda a, q, keys, i: _winner_rank_scores(q, keys, i))))
 
 
 impl("scale_columns")(one(lambda a, w, s: w * s))
@@ -343,28 +350,23 @@ def _gather_pool(attrs, table, row, block, scores):
 # ---------------------------------------------------------------- kernel-sized
 
 
-def _coarse_scores(q, keys):
-    return torch.einsum("...hd,hkd->...hk", q.float(), keys.float())
-
-
 @impl("coarse_topm")
 def _coarse_topm(attrs, q, keys):
-    values, indices = torch.topk(_coarse_scores(q, keys), attrs["k"], dim=-1)
+    values, indices = torch.topk(_key_scores(q.float(), keys.float()), attrs["k"], dim=-1)
     return values.to(q.dtype), indices
 
 
 @forced("coarse_topm")
 def _coarse_topm_forced(attrs, inputs, chosen):
     q, keys = inputs
-    return torch.take_along_dim(_coarse_scores(q, keys), chosen[1], dim=-1).to(q.dtype), chosen[1]
+    return torch.take_along_dim(_key_scores(q.float(), keys.float()), chosen[1], dim=-1).to(q.dtype), chosen[1]
 
 
 def winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
     """Per-core Tucker grid (...,H,h,m,m) in float32 over the rows and columns kept."""
-    heads = torch.arange(keys_row.shape[0]).view(*[1] * (i_row.dim() - 2), -1, 1)
-    rows = torch.einsum("...hd,...hmdr->...hmr", q_row.float(), keys_row[heads, i_row].float())
-    cols = torch.einsum("...hd,...hmdr->...hmr", q_col.float(), keys_col[heads, i_col].float())
-    return torch.einsum("...hir,hcrs,...hjs->...hcij", rows, cores.float(), cols)
+    rows = _winner_rank_scores(q_row.float(), keys_row.float(), i_row)
+    cols = _winner_rank_scores(q_col.float(), keys_col.float(), i_col)
+    return _tucker_grid(rows, cols, cores.float())
 
 
 @impl("grid_topm")

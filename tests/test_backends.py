@@ -92,3 +92,17 @@ def test_intermediates_are_freed_after_their_last_use(tmp_path):
     stream_of = {v.id: n.stream for n in graph.nodes for v in n.outputs}
     crossing = {v.id for n in graph.nodes for v in n.inputs if stream_of.get(v.id, 0) != n.stream}
     assert per_call - set(freed) <= crossing  # only values read across streams wait for the end
+
+
+def test_every_op_keeps_to_the_device_of_its_inputs(tmp_path):
+    """No torch implementation makes a tensor on the CPU behind its inputs' back (on a GPU that is a device
+    mismatch): the tiny model's optimized graphs run with weights and inputs on the meta device."""
+    build = umc.compile(TINY, tmp_path / "b")
+    weights = {k: v.to("meta") for k, v in build_model(umc.load_spec(TINY)).state_dict().items()}
+    backend = GraphBackend(build.graphs, weights, threads=False)
+    prefill = backend.run("prefill", {"tokens": torch.zeros(2, 5, dtype=torch.long, device="meta")}, {"B": 2, "T": 5})
+    feeds = {"tokens": torch.zeros(2, 1, dtype=torch.long, device="meta")}
+    for slot in build.graphs["decode"].state:
+        feeds[slot.input] = prefill[slot.output]
+    decoded = backend.run("decode", feeds, {"B": 2, "S_past": 5})
+    assert all(t.is_meta for t in (*prefill.values(), *decoded.values()))

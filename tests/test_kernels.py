@@ -21,7 +21,7 @@ from umc.kernels import RENDERERS, KernelFileError, kernel_sources, load
 from umc.lower import lower
 from umc.passes import run_pipeline
 from umc.reference import build_model
-from umc.runtime import load as load_build
+from umc.runtime import BackendError, load as load_build
 from umc.verify import verify_build, verify_golden
 
 B, T = Sym.of("B"), Sym.of("T")
@@ -60,14 +60,18 @@ CASES = {
     "coarse tiny": coarse(2, 16, 16, 6),
     "coarse one head, n kd m not powers of two": coarse(1, 12, 10, 5),
     "coarse several key blocks": coarse(2, 70, 8, 3),
+    "coarse several key-dim blocks": coarse(1, 70, 70, 5),
+    "coarse m 17 of 33": coarse(2, 33, 8, 17),
     "grid tiny": grid(2, 16, 16, 2, 2, 6),
     "grid one head, one core, rank 3, odd sizes": grid(1, 12, 10, 3, 1, 5),
     "grid rank 1, three cores": grid(2, 9, 8, 1, 3, 3),
+    "grid several row and key-dim blocks": grid(1, 40, 70, 3, 2, 20),
     "pool tiny E=4": pool(16, 32, 2, 6, 2, 4, True),
     "pool E=9, one head, one core, vdim 20": pool(9, 20, 1, 5, 1, 9, True),
     "pool E=1 without shuffle, two column blocks": pool(25, 70, 2, 3, 2, 1, False),
 }
-LOW_PRECISION = ["coarse tiny", "grid tiny", "pool tiny E=4"]
+LOW_PRECISION = ["coarse tiny", "grid tiny", "pool tiny E=4", "coarse m 17 of 33", "grid several row and key-dim blocks",
+                 "pool E=9, one head, one core, vdim 20"]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU the kernels run in Triton's interpreter
@@ -119,17 +123,63 @@ def test_generated_source_of_the_tiny_spec():
         assert_matches_expected(f"kernels/ultramem-tiny.{source.op}.py", source.text(users))
 
 
-def test_kernel_files_that_umc_did_not_render_are_refused(tmp_path):
-    build = umc.compile(SPECS / "ultramem-tiny.yaml", tmp_path / "b").path
+def forge_kernel(build, edit, relist=True):
+    """Edit the build's lookup_pool kernel file; with ``relist``, record its new hash in the manifest."""
     path = next((build / "kernels").glob("lookup_pool_*.py"))
-    path.write_text(path.read_text().replace("tl.sum(", "tl.max("))
+    path.write_text(edit(path.read_text()))
     manifest = json.loads((build / "manifest.json").read_text())
-    manifest["artifacts"][f"kernels/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if relist:
+        manifest["artifacts"][f"kernels/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    else:
+        del manifest["artifacts"][f"kernels/{path.name}"]
     (build / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(KernelFileError, match="is not the kernel this umc generates"):
-        load_build(build, backend="triton", weights=build_model(umc.load_spec(SPECS / "ultramem-tiny.yaml")).state_dict())
+
+
+@pytest.mark.parametrize("edit, relist, message", [
+    (lambda text: text.replace("tl.sum(", "tl.max("), True, "is not the kernel this umc generates"),
+    (lambda text: "raise SystemExit('forged code ran')\n" + text, True, "ran"),
+    (lambda text: text, False, "is not listed in the build's manifest"),
+], ids=["edited body", "code in the header", "unlisted"])
+def test_kernel_files_that_umc_did_not_render_are_never_run(tmp_path, edit, relist, message):
+    build = umc.compile(SPECS / "ultramem-tiny.yaml", tmp_path / "b").path
+    forge_kernel(build, edit, relist)
+    weights = build_model(umc.load_spec(SPECS / "ultramem-tiny.yaml")).state_dict()
+    if message == "ran":  # the header is not code umc runs: the build loads, umc's own rendering is imported
+        session = load_build(build, backend="triton", weights=weights)
+        session.prefill(torch.zeros(1, 2, dtype=torch.long))
+        return
+    with pytest.raises(KernelFileError, match=message):
+        load_build(build, backend="triton", weights=weights)
     result = CliRunner().invoke(main, ["verify", str(build), "--backend", "triton", "--steps", "0"])
-    assert result.exit_code == 2 and "is not the kernel this umc generates" in result.output
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_the_triton_backend_runs_kernels_for_the_kernel_sized_ops(tmp_path):
+    from umc.runtime.torch_ops import TORCH_IMPLS
+
+    build = umc.compile(SPECS / "ultramem-tiny.yaml", tmp_path / "b").path
+    session = load_build(build, backend="triton", weights=build_model(umc.load_spec(SPECS / "ultramem-tiny.yaml")).state_dict())
+    for kind, program in session.backend.programs.items():
+        kernels = [i for i, n in enumerate(program.graph.nodes) if n.op in RENDERERS]
+        assert len(kernels) == 8 and all(program.impls[i] is not TORCH_IMPLS[program.graph.nodes[i].op] for i in kernels)
+    unfused = umc.compile(SPECS / "ultramem-tiny.yaml", tmp_path / "c", disable=("kernel_fusion",)).path
+    with pytest.raises(BackendError, match="no kernel-sized op"):
+        load_build(unfused, backend="triton", weights=build_model(umc.load_spec(SPECS / "ultramem-tiny.yaml")).state_dict())
+
+
+def test_overlapping_branches_through_the_interpreter(tmp_path):
+    """Triton's interpreter keeps global state: concurrent memory-unit branches must not launch kernels at once."""
+    import dataclasses
+
+    spec = umc.load_spec(SPECS / "ultramem-tiny.yaml")
+    spec = dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, units=tuple(
+        type(spec.memory.units[0])(r, w) for r, w in ((0, 3), (0, 3), (1, 3), (1, 2)))))
+    build = umc.compile(spec, tmp_path / "b").path
+    weights = build_model(spec).state_dict()
+    tokens = torch.randint(0, spec.model.vocab_size, (1, 3), generator=torch.Generator().manual_seed(0))
+    want, _ = load_build(build, backend="graph", weights=weights).prefill(tokens)
+    got, _ = load_build(build, backend="triton", weights=weights).prefill(tokens)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys, monkeypatch):

@@ -398,11 +398,13 @@ def _check_golden_shapes(path: Path, tensors: dict[str, torch.Tensor], mem, widt
             raise VerifyError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, the config needs {wanted[name]}")
 
 
-def run_graph(graph, weights: Mapping[str, torch.Tensor], feeds: dict[str, torch.Tensor], backend: str) -> dict[str, torch.Tensor]:
-    """A graph of one kind (a layer, a slice) on checked feeds through a backend: every named output."""
+def run_graph(graph, weights: Mapping[str, torch.Tensor], feeds: dict[str, torch.Tensor], backend: str,
+              artifacts: Path | None = None) -> dict[str, torch.Tensor]:
+    """A graph of one kind (a layer, a slice of the build in ``artifacts``) on checked feeds through a backend:
+    every named output."""
     check_weights({graph.name: graph}, weights)
     sizes = check_feeds(graph, feeds)
-    return lookup_backend(backend)({graph.name: graph}, weights).run(graph.name, feeds, sizes)
+    return lookup_backend(backend)({graph.name: graph}, weights, artifacts=artifacts).run(graph.name, feeds, sizes)
 
 
 def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, ...] = PIPELINE) -> list[Check]:
@@ -468,7 +470,7 @@ def verify_unit_slice(build, unit: int, backend: str, seed: int, batch: int, pro
     weights = _slice_weights(build, {f"memories.{unit}.": layer, f"blocks.{read}.": block})
     gen = torch.Generator().manual_seed(seed + 1 + unit)
     x = torch.randn(batch, prompt, spec.model.d_model, generator=gen).to(torch_dtype(spec.dtype))
-    out = run_graph(graph, weights, {"x": x}, backend)
+    out = run_graph(graph, weights, {"x": x}, backend, build.path)
     taps = {tap.stage: out[tap.output] for tap in graph.taps}
     queries, queries64 = [], []
     with torch.no_grad():
@@ -491,7 +493,7 @@ def verify_block_slice(build, block: int, backend: str, seed: int, steps: int, b
     module = build_block(spec, block, seed)
     weights = _slice_weights(build, {f"blocks.{block}.": module})
     check_weights(graphs, weights)
-    runner = lookup_backend(backend)(graphs, weights)
+    runner = lookup_backend(backend)(graphs, weights, artifacts=build.path)
     gen = torch.Generator().manual_seed(seed + 1000 + block)
     inputs = torch.randn(batch, prompt + steps, spec.model.d_model, generator=gen).to(torch_dtype(spec.dtype))
     checks, past, past_eager, past64 = [], None, None, None

@@ -21,6 +21,7 @@ import torch
 
 from umc.ir.core import Graph
 from umc.kernels import RENDERERS, load
+from umc.manifest import parse_manifest
 from umc.runtime.backends import BackendError, register_backend
 from umc.runtime.backends.graph import GraphBackend
 
@@ -29,11 +30,14 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+INTERPRETER_ON = ("1", "true", "on", "yes")
+
+
 def _device() -> torch.device:
     """The GPU when there is one; else the CPU, where the kernels need Triton's interpreter."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if os.environ.get("TRITON_INTERPRET", "").lower() not in INTERPRETER_ON:
         raise BackendError("no GPU here, and Triton's interpreter is off: run with TRITON_INTERPRET=1 "
                            "(set before anything imports Triton)")
     return torch.device("cpu")
@@ -52,16 +56,25 @@ class TritonBackend(GraphBackend):
 
     def __init__(self, graphs, weights, threads=True, artifacts=None):
         self.device = _device()
+        # Triton's interpreter keeps global state: kernels of concurrent branches must not run at once on the CPU
+        threads = threads and self.device.type == "cuda"
         super().__init__(graphs, {k: v.to(self.device) for k, v in weights.items()}, threads, artifacts)
 
     def overrides(self, graph: Graph) -> dict[int, Callable]:
-        """Each kernel-sized node's kernel, loaded from the build's kernels/ (or rendered afresh)."""
-        directory = None if self.artifacts is None else self.artifacts / "kernels"
+        """Each kernel-sized node's kernel, checked against the build's kernels/ (or rendered afresh without a
+        build); BackendError when the graph has memory layers but no kernel-sized node (built without the
+        kernel_fusion pass: nothing would run as a kernel)."""
+        directory, listed = None, frozenset()
+        if self.artifacts is not None:
+            directory, listed = self.artifacts / "kernels", frozenset(parse_manifest(self.artifacts)["artifacts"])
         out = {}
         for i, node in enumerate(graph.nodes):
             if node.op in RENDERERS:
-                module = load(RENDERERS[node.op](node), directory)
+                module = load(RENDERERS[node.op](node), directory, listed)
                 out[i] = lambda attrs, *inputs, launch=module.launch: launch(*inputs)
+        if not out and any(n.scope.unit is not None for n in graph.nodes):
+            raise BackendError(f"graph {graph.name} has no kernel-sized op (built without the kernel_fusion pass?): "
+                               "the triton backend would run no kernel; use --backend graph")
         return out
 
     def run(self, kind, feeds, sizes, force=None, observer=None):

@@ -57,7 +57,7 @@ def core_matrix(cores_ptr, head, c, CORES: tl.constexpr, R: tl.constexpr, R_PAD:
 
 
 @triton.jit
-def grid_topm_810e9d67fba5(q_row_ptr, q_col_ptr, keys_row_ptr, keys_col_ptr, i_row_ptr, i_col_ptr, cores_ptr, address_ptr,
+def grid_topm_05e3afbb0502(q_row_ptr, q_col_ptr, keys_row_ptr, keys_col_ptr, i_row_ptr, i_col_ptr, cores_ptr, address_ptr,
             scores_ptr, HEADS: tl.constexpr, N: tl.constexpr, KD: tl.constexpr, BLOCK_D: tl.constexpr,
             R: tl.constexpr, R_PAD: tl.constexpr, CORES: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
             BLOCK_I: tl.constexpr):
@@ -103,11 +103,12 @@ def launch(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
     address = torch.empty(*i_row.shape, dtype=torch.int64, device=q_row.device)
     scores = torch.empty(*i_row.shape, CONSTANTS["CORES"], dtype=q_row.dtype, device=q_row.device)
     if rows:
-        grid_topm_810e9d67fba5[(rows,)](q_row, q_col, keys_row.contiguous(), keys_col.contiguous(), i_row.contiguous(),
+        grid_topm_05e3afbb0502[(rows,)](q_row, q_col, keys_row.contiguous(), keys_col.contiguous(), i_row.contiguous(),
                          i_col.contiguous(), cores.contiguous(), address, scores, HEADS=2, N=16, KD=16, BLOCK_D=16, R=2, R_PAD=2, CORES=2, M=6, M_PAD=8, BLOCK_I=8)
     return address, scores
 
 
+
 CONSTANTS = dict(HEADS=2, N=16, KD=16, BLOCK_D=16, R=2, R_PAD=2, CORES=2, M=6, M_PAD=8, BLOCK_I=8)
 SIGNATURE = {'q_row_ptr': '*fp32', 'q_col_ptr': '*fp32', 'keys_row_ptr': '*fp32', 'keys_col_ptr': '*fp32', 'i_row_ptr': '*i64', 'i_col_ptr': '*i64', 'cores_ptr': '*fp32', 'address_ptr': '*i64', 'scores_ptr': '*fp32', 'HEADS': 'constexpr', 'N': 'constexpr', 'KD': 'constexpr', 'BLOCK_D': 'constexpr', 'R': 'constexpr', 'R_PAD': 'constexpr', 'CORES': 'constexpr', 'M': 'constexpr', 'M_PAD': 'constexpr', 'BLOCK_I': 'constexpr'}  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = grid_topm_810e9d67fba5
+KERNEL = grid_topm_05e3afbb0502

@@ -9,7 +9,7 @@ import triton.language as tl
 
 
 @triton.jit
-def lookup_pool_25e595780a59(table_ptr, address_ptr, scores_ptr, perm_ptr, out_ptr, K: tl.constexpr, K_PAD: tl.constexpr,
+def lookup_pool_ac9e8ab86447(table_ptr, address_ptr, scores_ptr, perm_ptr, out_ptr, K: tl.constexpr, K_PAD: tl.constexpr,
             VDIM: tl.constexpr, BLOCK_V: tl.constexpr, CORES: tl.constexpr, NPHYS: tl.constexpr, E: tl.constexpr,
             HAS_PERM: tl.constexpr):
     """For one token and BLOCK_V columns: its K picks mapped through the shuffle to (physical row, virtual block),
@@ -42,11 +42,12 @@ def launch(table, address, scores, perm=None):
     address = address.contiguous()
     if tokens:
         grid = (tokens, triton.cdiv(CONSTANTS["VDIM"], CONSTANTS["BLOCK_V"]))
-        lookup_pool_25e595780a59[grid](table.contiguous(), address, scores.contiguous(), address if perm is None else perm.contiguous(),
+        lookup_pool_ac9e8ab86447[grid](table.contiguous(), address, scores.contiguous(), address if perm is None else perm.contiguous(),
                       out, K=12, K_PAD=16, VDIM=32, BLOCK_V=32, CORES=2, NPHYS=64, E=4, HAS_PERM=1)
     return (out,)
 
 
+
 CONSTANTS = dict(K=12, K_PAD=16, VDIM=32, BLOCK_V=32, CORES=2, NPHYS=64, E=4, HAS_PERM=1)
 SIGNATURE = {'table_ptr': '*fp32', 'address_ptr': '*i64', 'scores_ptr': '*fp32', 'perm_ptr': '*i64', 'out_ptr': '*fp32', 'K': 'constexpr', 'K_PAD': 'constexpr', 'VDIM': 'constexpr', 'BLOCK_V': 'constexpr', 'CORES': 'constexpr', 'NPHYS': 'constexpr', 'E': 'constexpr', 'HAS_PERM': 'constexpr'}  # argument -> Triton type, for ahead-of-time compiles
-KERNEL = lookup_pool_25e595780a59
+KERNEL = lookup_pool_ac9e8ab86447

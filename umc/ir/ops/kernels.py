@@ -11,6 +11,7 @@ from umc.ir.ops.registry import Attr, decomposition, expect, op, selection, weig
 
 
 def _coarse_cost(ins, outs, attrs) -> tuple[int, int]:
+    """Scoring every key (2 FLOPs per multiply-add) plus a pass of the top-k; the coarse keys are read once."""
     q, keys = ins
     scores = q.numel // q.shape[-1] * keys.shape[1]
     return 2 * scores * q.shape[-1] + scores, weight_bytes(keys)
@@ -39,6 +40,7 @@ def _coarse_topm_candidates(b, ins, attrs):
 
 
 def _grid_topm_cost(ins, outs, attrs) -> tuple[int, int]:
+    """The winners' rank scores and the per-core grids; the winners' key rows and the cores are read."""
     q_row, _, keys_row, _, i_row, _, cores = ins
     rows = i_row.numel
     rank, m = keys_row.shape[3], i_row.shape[-1]
@@ -66,6 +68,7 @@ def _grid_topm(ins, attrs):
 
 
 def _grid(b, ins):
+    """The per-core Tucker grid over the kept rows and columns, from the winners' rank scores."""
     q_row, q_col, keys_row, keys_col, i_row, i_col, cores = ins
     rows = b.one("gathered_rank_scores", q_row, keys_row, i_row)
     cols = b.one("gathered_rank_scores", q_col, keys_col, i_col)
@@ -90,9 +93,12 @@ def _lookup_pool(ins, attrs):
     row p mod N and virtual block p div N; value rows scaled per core slice by scores (B,T,H,m,h) and summed
     into the E blocks -> (B,T,E*vdim)."""
     table, address, scores, *perm = ins
-    expect(table.rank == 2 and address.rank == 4 and address.dtype == "i64" and scores.shape[:-1] == address.shape
-           and scores.dtype == table.dtype and table.shape[1] % scores.shape[-1] == 0
-           and all(p.rank == 1 and p.dtype == "i64" for p in perm), "lookup_pool", f"{ins}")
+    rows, blocks = attrs["N"], attrs["E"]
+    expect(table.rank == 2 and table.shape[0] == rows and address.rank == 4 and address.dtype == "i64"
+           and scores.shape[:-1] == address.shape and scores.dtype == table.dtype
+           and table.shape[1] % scores.shape[-1] == 0
+           and all(p.shape == (rows * blocks,) and p.dtype == "i64" for p in perm), "lookup_pool",
+           f"{ins} with N={rows}, E={blocks}")
     return (table.with_shape(*address.shape[:2], attrs["E"] * table.shape[1]),)
 
 
