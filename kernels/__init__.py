@@ -23,21 +23,13 @@ from typing import Callable
 from umc.ir.core import Graph, IRError, Node
 from umc.kernels import templates
 from umc.kernels.source import BODY_MARK, KernelSource, describe, pow2, render
+from umc.registry import registrar
 
 Renderer = Callable[[Node], KernelSource]
 RENDERERS: dict[str, Renderer] = {}
 
 
-def renderer(op: str):
-    """Register the kernel renderer of op ``op`` (once)."""
-
-    def wrap(fn: Renderer) -> Renderer:
-        if op in RENDERERS:
-            raise ValueError(f"op {op} has two kernel renderers")
-        RENDERERS[op] = fn
-        return fn
-
-    return wrap
+renderer = registrar(RENDERERS, "kernel renderers")  # @renderer(op): fn(node) -> KernelSource
 
 
 def _specialization(node: Node, names: tuple[str, ...]) -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from umc.dtypes import torch_dtype
+from umc.registry import registrar
 
 TorchImpl = Callable[..., tuple[torch.Tensor, ...]]
 ForcedImpl = Callable[[dict[str, Any], list[torch.Tensor], dict[int, torch.Tensor]], tuple[torch.Tensor, ...]]
@@ -23,28 +24,8 @@ TORCH_IMPLS: dict[str, TorchImpl] = {}
 FORCED_IMPLS: dict[str, ForcedImpl] = {}
 
 
-def impl(name: str):
-    """Register the torch implementation of op ``name``: fn(attrs, *inputs) -> tuple of outputs (once per op)."""
-
-    def wrap(fn: TorchImpl) -> TorchImpl:
-        if name in TORCH_IMPLS:
-            raise ValueError(f"op {name} has two torch implementations")
-        TORCH_IMPLS[name] = fn
-        return fn
-
-    return wrap
-
-
-def forced(name: str):
-    """Register the forced variant of selection op ``name``: fn(attrs, inputs, {output index: chosen})."""
-
-    def wrap(fn: ForcedImpl) -> ForcedImpl:
-        if name in FORCED_IMPLS:
-            raise ValueError(f"op {name} has two forced implementations")
-        FORCED_IMPLS[name] = fn
-        return fn
-
-    return wrap
+impl = registrar(TORCH_IMPLS, "torch implementations")  # @impl(op): fn(attrs, *inputs) -> tuple of outputs
+forced = registrar(FORCED_IMPLS, "forced implementations")  # @forced(op): fn(attrs, inputs, {output index: chosen})
 
 
 def one(fn: Callable[..., torch.Tensor]) -> TorchImpl:
