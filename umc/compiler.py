@@ -175,9 +175,8 @@ def kernels_markdown(kernels: dict) -> list[str]:
 
 
 def _write_tree(root: Path, spec: Spec, passes: tuple[str, ...], initial: dict[str, Graph],
-                results: dict[str, list[PassResult]], dump_after: str | None, report: dict,
-                kernel_files: dict[str, str]) -> None:
-    files: dict[str, str] = {"spec.json": _json(spec.to_dict()), **kernel_files}
+                results: dict[str, list[PassResult]], dump_after: str | None, report: dict) -> None:
+    files: dict[str, str] = {"spec.json": _json(spec.to_dict())}
     for kind in ("prefill", "decode"):
         files[f"ir/{kind}.00-initial.txt"] = format_graph(initial[kind])
         for i, result in enumerate(results[kind], start=1):
@@ -382,19 +381,18 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
         staging.chmod(0o755)
         if weights is not None:
             shutil.copyfile(weights, staging / "weights.safetensors")
-        files = {f"kernels/{name}.py": source.text(users) for name, (source, users) in kernels.items()}
+        for name, (source, users) in kernels.items():  # written first: the ahead-of-time compile reads them
+            (staging / "kernels").mkdir(exist_ok=True)
+            (staging / "kernels" / f"{name}.py").write_text(source.text(users), encoding="utf-8")
         if targets:
             say(f"compiling {len(kernels)} kernels for {', '.join(f'sm_{cc}' for cc in targets)}")
-            (staging / "kernels").mkdir()
-            for name, text in files.items():
-                (staging / name).write_text(text, encoding="utf-8")
             try:
                 compiled = compile_kernels(staging / "kernels", targets, ptx_version)
             except AOTError as exc:
                 raise BuildError(f"ahead-of-time kernel compile failed: {exc}") from None
             for name, per_target in compiled.items():
                 report["kernels"][name]["targets"] = per_target
-        _write_tree(staging, spec, chosen, initial, results, dump_after, report, files)
+        _write_tree(staging, spec, chosen, initial, results, dump_after, report)
         _swap_into_place(staging, out, force)
     finally:
         if staging.exists():

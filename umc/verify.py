@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import safetensors
 import torch
 from safetensors.torch import load_file
 
-from umc.cost import block_params, memory_needs, shuffle_elements, spec_cost
+from umc.cost import memory_needs
 from umc.dtypes import BY_SPEC, torch_dtype
 from umc.lower import lower_layer
 from umc.slices import block_slice, unit_slice
@@ -454,8 +454,11 @@ def _slice_weights(build, parts: Mapping[str, torch.nn.Module]) -> dict[str, tor
     return {prefix + name: t for prefix, module in parts.items() for name, t in module.state_dict().items()}
 
 
-def _slice_bytes(modules) -> int:
-    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+def _build_slices(spec, what: str, *builders: Callable[[str], torch.nn.Module]) -> list[torch.nn.Module]:
+    """Eager slices, refused up front (ResourceError) when their weights, measured on the meta device, do not fit."""
+    needed = sum(t.numel() * t.element_size() for build in builders for t in build("meta").state_dict().values())
+    require_memory(needed, f"umc verify {spec.name} {what}")
+    return [build("cpu") for build in builders]
 
 
 def verify_unit_slice(build, unit: int, backend: str, seed: int, batch: int, prompt: int) -> list[Check]:
@@ -463,10 +466,8 @@ def verify_unit_slice(build, unit: int, backend: str, seed: int, batch: int, pro
     FFN norm) with the same weights, on a random residual stream of the spec's dtype."""
     spec = build.spec
     graph, read = unit_slice(build.graphs["prefill"], unit)
-    cost = spec_cost(spec).units[unit]
-    require_memory((cost.dense_params + cost.value_params + block_params(spec.model)) * BY_SPEC[spec.dtype].itemsize
-                   + shuffle_elements(spec.memory) * 8, f"umc verify {spec.name} --units {unit}")
-    layer, block = build_memory_layer(spec, unit, seed), build_block(spec, read, seed)
+    layer, block = _build_slices(spec, f"--units {unit}", lambda device: build_memory_layer(spec, unit, seed, device),
+                                 lambda device: build_block(spec, read, seed, device))  # the block: its FFN norm
     weights = _slice_weights(build, {f"memories.{unit}.": layer, f"blocks.{read}.": block})
     gen = torch.Generator().manual_seed(seed + 1 + unit)
     x = torch.randn(batch, prompt, spec.model.d_model, generator=gen).to(torch_dtype(spec.dtype))
@@ -488,9 +489,7 @@ def verify_block_slice(build, block: int, backend: str, seed: int, steps: int, b
     weights, over a random residual stream: a prompt, then ``steps`` decode steps."""
     spec = build.spec
     graphs = {kind: block_slice(build.graphs[kind], block) for kind in ("prefill", "decode")}
-    module = build_block(spec, block, seed, device="meta")
-    require_memory(_slice_bytes([module]), f"umc verify {spec.name} --blocks {block}")
-    module = build_block(spec, block, seed)
+    (module,) = _build_slices(spec, f"--blocks {block}", lambda device: build_block(spec, block, seed, device))
     weights = _slice_weights(build, {f"blocks.{block}.": module})
     check_weights(graphs, weights)
     runner = lookup_backend(backend)(graphs, weights, artifacts=build.path)
