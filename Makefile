@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/umc check specs/ultramem-tiny.yaml
-	$(BIN)/umc compile specs/ultramem-tiny.yaml -o build/ultramem-tiny --force
+	mkdir -p build
+	$(BIN)/umc eager specs/ultramem-tiny.yaml --steps 2 --save-weights build/ultramem-tiny.safetensors --force
+	$(BIN)/umc compile specs/ultramem-tiny.yaml -o build/ultramem-tiny --weights build/ultramem-tiny.safetensors --force
 	$(BIN)/umc verify build/ultramem-tiny --steps 8
+	$(BIN)/umc export build/ultramem-tiny --format onnx
+	$(BIN)/umc verify build/ultramem-tiny --backend onnxruntime --steps 8 | tail -n 1
 	@sed -n '/^## Passes/,$$p' build/ultramem-tiny/report.md
 
 test: $(STAMP)

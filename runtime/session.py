@@ -9,6 +9,7 @@ length limit, and the state dict (keyed by the graphs' declared state slots).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,17 @@ from umc.runtime.backends import lookup_backend
 from umc.runtime.checks import InputError, check_feeds, check_state, check_tokens, check_weights
 from umc.spec import Spec, SpecError, spec_from_dict
 
-State = dict[str, torch.Tensor]
 Taps = dict[int, dict[str, torch.Tensor]]
+
+
+class State(dict):
+    """A session's state (slot name -> tensor: KV caches, conv states), tagged with the build that made it and its
+    batch size, so continuing it in another build's session, or with another batch, is a clear error."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], build_id: str, batch: int):
+        super().__init__(tensors)
+        self.build_id = build_id
+        self.batch = batch
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,12 @@ def check_ports(graph: Graph, spec: Spec, decode: bool) -> None:
         raise IRError("the graph's state slots do not match the spec's blocks and memory units")
 
 
+def build_id(build: BuildFiles) -> str:
+    """What identifies a build's graphs: the sha256 of their files (identical graphs, identical id)."""
+    artifacts = build.manifest["artifacts"]
+    return hashlib.sha256("".join(artifacts[f"graphs/{kind}.json"] for kind in ("prefill", "decode")).encode()).hexdigest()
+
+
 def _taps(graph: Graph, outputs: dict[str, torch.Tensor]) -> Taps:
     taps: Taps = {}
     for tap in graph.taps:
@@ -99,6 +115,7 @@ class Session:
         self.spec = build.spec
         self.graphs = build.graphs
         self.backend = backend_class(build.graphs, weights, threads=threads, artifacts=build.path)
+        self.build_id = build_id(build)
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
         """tokens (B, T) -> logits (B, T, vocab) and the state to continue from."""
@@ -118,6 +135,12 @@ class Session:
     def trace_decode(self, tokens: torch.Tensor, state: State, force: Mapping[str, torch.Tensor] | None = None):
         """decode, plus the selection taps."""
         check_tokens(tokens, self.spec.model.vocab_size)
+        if isinstance(state, State) and state.build_id != self.build_id:
+            raise InputError(f"the state comes from another build (build id {state.build_id[:12]}, this session's is "
+                             f"{self.build_id[:12]}); continue it with the session that made it")
+        if isinstance(state, State) and state.batch != tokens.shape[0]:
+            raise InputError(f"the state holds {state.batch} sequences but tokens has {tokens.shape[0]} rows; "
+                             "decode one token per sequence of the state")
         return self._run("decode", {"tokens": tokens, **check_state(self.graphs["decode"], state)}, force)
 
     def _run(self, kind: str, feeds: dict[str, torch.Tensor], force):
@@ -127,7 +150,7 @@ class Session:
         if length > self.spec.model.max_seq_len:
             raise InputError(f"sequence length {length} exceeds the spec's max_seq_len {self.spec.model.max_seq_len}")
         outputs = self.backend.run(kind, feeds, sizes, force)
-        state = {slot.name: outputs[slot.output] for slot in graph.state}
+        state = State({slot.name: outputs[slot.output] for slot in graph.state}, self.build_id, feeds["tokens"].shape[0])
         return outputs["logits"], state, _taps(graph, outputs)
 
 

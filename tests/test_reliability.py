@@ -84,6 +84,22 @@ def test_missing_or_foreign_state_is_refused(session):
         session.decode(torch.tensor([[1]]), partial)
 
 
+def test_a_state_from_another_build_or_batch_is_refused(session, tmp_path):
+    """States are tagged with the build's graphs and their batch: the tag is what refuses them (a plain dict copy
+    of the same tensors passes the batch check only where the shapes bind, and is accepted for the right build)."""
+    _, state = session.prefill(torch.tensor([[1, 2], [3, 4]]))
+    other_spec = tmp_path / "other.yaml"
+    other_spec.write_text((SPECS / "ultramem-tiny.yaml").read_text().replace("vocab_size: 512", "vocab_size: 500"))
+    other = load(umc.compile(other_spec, tmp_path / "other").path,
+                 weights=build_model(umc.load_spec(other_spec)).state_dict())
+    with pytest.raises(InputError, match="the state comes from another build"):
+        other.decode(torch.tensor([[1], [2]]), state)
+    with pytest.raises(InputError, match="the state holds 2 sequences but tokens has 1 rows"):
+        session.decode(torch.tensor([[1]]), state)
+    logits, _ = session.decode(torch.tensor([[1], [2]]), dict(state))
+    assert logits.shape == (2, 1, 512)
+
+
 def test_non_finite_values_fail_every_comparison():
     finite = torch.ones(4)
     for bad in (float("nan"), float("inf")):

@@ -16,4 +16,12 @@ def compile(spec_or_path, out_dir, **options):
     return compile_spec(spec_or_path, out_dir, **options)
 
 
-__all__ = ["Spec", "SpecError", "__version__", "compile", "load_spec"]
+def compile_memory_layer(state_dict, config, backend: str = "cpu", **options):
+    """The authors' memory layer (tensors and config dict, as ``umc.reference.memory_layer_from_official`` takes
+    them) compiled for ``backend``: a torch module with the same ``forward(x)`` (see ``umc.layer``)."""
+    from umc.layer import compile_memory_layer as compile_layer
+
+    return compile_layer(state_dict, config, backend, **options)
+
+
+__all__ = ["Spec", "SpecError", "__version__", "compile", "compile_memory_layer", "load_spec"]

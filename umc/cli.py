@@ -28,6 +28,7 @@ def _user_error_types() -> tuple[type, ...]:
     from safetensors import SafetensorError
 
     from umc.compiler import BuildError
+    from umc.export import ExportError
     from umc.kernels import KernelFileError
     from umc.manifest import BuildDirError
     from umc.reference.weights import WeightsError
@@ -37,7 +38,7 @@ def _user_error_types() -> tuple[type, ...]:
     from umc.verify import VerifyError
 
     return (SpecError, WeightsError, BuildError, BuildDirError, BindError, InputError, BackendError, ResourceError,
-            VerifyError, KernelFileError, SafetensorError, OSError)
+            VerifyError, KernelFileError, ExportError, SafetensorError, OSError)
 
 
 def _internal_error(exc: BaseException) -> None:
@@ -270,6 +271,39 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, f
         click.echo(memory_line(build.report["memory"]))
 
 
+@main.command(name="export")
+@click.argument("build_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", required=True,
+              help="onnx, tensorrt, torch-tensorrt or triton-server (tensorrt and triton-server use the onnx export).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="A safetensors file to export (default: the build's weights.safetensors; none: structure only).")
+@click.option("--external-data", is_flag=True, help="onnx: keep weights in weights.bin even when small.")
+@click.option("--build-engine", is_flag=True,
+              help="tensorrt/torch-tensorrt: also build the engine here (needs TensorRT and a GPU).")
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True,
+              help="triton-server: model instances per device.")
+@click.option("--max-batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="triton-server: the largest prefill batch the server forms (decode runs one sequence at a time).")
+@click.option("--sequences", type=click.IntRange(1), default=16, show_default=True,
+              help="triton-server: decode sequences in flight per instance.")
+@click.option("--gpu", is_flag=True, help="triton-server: instances on GPUs (default: CPU).")
+@click.option("--force", is_flag=True, help="Replace the format's directory even if it holds files umc did not write.")
+@user_errors
+def export_command(build_dir, fmt, weights, external_data, build_engine, instances, max_batch_size, sequences, gpu,
+                   force):
+    """Export a build for other engines, into DIR/<format>/ (listed in the build's manifest).
+
+    onnx writes DIR/onnx/prefill.onnx and decode.onnx (memory-layer ops as umc-domain nodes with
+    their decompositions as local functions). The others build on it: run the onnx export first.
+    """
+    from umc.export.install import export
+
+    options = {"external_data": external_data, "build_engine": build_engine, "instances": instances,
+               "max_batch_size": max_batch_size, "sequences": sequences, "gpu": gpu}
+    for line in export(build_dir, fmt, weights=weights, options=options, force=force):
+        click.echo(line)
+
+
 def _indices(text: str | None, name: str) -> tuple[int, ...] | str | None:
     """--units/--blocks: comma-separated indices, or 'all'."""
     if text is None or text.strip() == "all":
@@ -339,3 +373,8 @@ def verify_golden_command(files, backend):
         click.echo(f"FAIL: {failed} of {len(files)} golden files do not match", err=True)
         sys.exit(1)
     click.echo(f"OK: {len(files)} golden files match")
+
+
+from umc.generate import run_command  # noqa: E402 - the command's module imports umc.cli only when it runs
+
+main.add_command(run_command)

@@ -1,4 +1,4 @@
-"""The one dtype table: each element type's spec name, IR name, size, safetensors name and torch name.
+"""The one dtype table: each element type's spec name, IR name, size, safetensors, torch and ONNX names.
 
 Neutral ground: the spec, the IR, the runtime and the eager reference all read it, and it
 imports nothing of theirs (torch only when a torch dtype is asked for).
@@ -19,16 +19,17 @@ class DType:
     safetensors: str
     torch_name: str
     floating: bool
+    onnx: str  # the ``onnx.TensorProto`` element type name
 
 
 TABLE = (
-    DType("f32", "float32", 4, "F32", "float32", True),
-    DType("f16", "float16", 2, "F16", "float16", True),
-    DType("bf16", "bfloat16", 2, "BF16", "bfloat16", True),
-    DType("f64", None, 8, "F64", "float64", True),
-    DType("i64", None, 8, "I64", "int64", False),
-    DType("i32", None, 4, "I32", "int32", False),
-    DType("bool", None, 1, "BOOL", "bool", False),
+    DType("f32", "float32", 4, "F32", "float32", True, "FLOAT"),
+    DType("f16", "float16", 2, "F16", "float16", True, "FLOAT16"),
+    DType("bf16", "bfloat16", 2, "BF16", "bfloat16", True, "BFLOAT16"),
+    DType("f64", None, 8, "F64", "float64", True, "DOUBLE"),
+    DType("i64", None, 8, "I64", "int64", False, "INT64"),
+    DType("i32", None, 4, "I32", "int32", False, "INT32"),
+    DType("bool", None, 1, "BOOL", "bool", False, "BOOL"),
 )
 BY_IR = {d.ir: d for d in TABLE}
 BY_SPEC = {d.spec: d for d in TABLE if d.spec}

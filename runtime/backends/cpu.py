@@ -1,0 +1,175 @@
+"""The "cpu" backend: the graph backend's prepared program with fast implementations of the ops that dominate a
+decode step on a CPU (and on a CUDA device when one is present).
+
+What it changes, op by op (everything else runs its torch implementation, as in ``graph``):
+
+- ``attention``: RoPE angles from a table computed once per head size (not per call), PyTorch's fused
+  scaled-dot-product attention with grouped query heads, and a KV cache that grows in place: the present
+  keys/values a call returns are views of a preallocated buffer, and the next call that continues from
+  exactly that state appends into it instead of copying the whole cache (``KVCache``). A state continued
+  twice (branching) is copied on the second continuation, so no returned state is ever changed.
+- ``linear``: ``F.linear`` (no transposed view). For bfloat16/float16 activations at batch x steps above
+  ``WIDE_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once.
+- ``rms_norm``: ``F.rms_norm``.
+- ``lookup_pool``: the value rows gathered once and pooled into the E blocks with one batched matmul against
+  the per-block weights (no one-hot, no scatter).
+
+Selections are computed as in ``graph`` (same top-k over the same float32 scores), so the two agree on every
+selection up to the rounding of the fused ops; ``umc verify --backend cpu`` checks it against the eager model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from umc.ir.core import Graph
+from umc.runtime.backends import register_backend
+from umc.runtime.backends.graph import GraphBackend
+
+WIDE_ROWS = 8  # low-precision linears with more rows than this compute in float32
+MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
+
+
+class KVCache:
+    """Appends new keys or values to a past, in place when the past is the latest state of a buffer it made.
+
+    A buffer is (B, heads, capacity, head_dim); the tensors handed out are its prefix views. The buffer's
+    entry remembers how many positions have been handed out; a past equal to that prefix is extended in
+    place, anything else (a user's tensor, an older state continued again) is copied into a new buffer first.
+    """
+
+    def __init__(self):
+        self.owned: dict[int, tuple[weakref.ref, int]] = {}  # id of a buffer -> (the buffer, positions handed out)
+
+    def _extendable(self, past: torch.Tensor | None, needed: int) -> torch.Tensor | None:
+        base = None if past is None else past._base
+        entry = None if base is None else self.owned.get(id(base))
+        if entry is None or entry[0]() is not base or entry[1] != past.shape[2] or base.shape[2] < needed:
+            return None
+        if past.data_ptr() != base.data_ptr() or past.stride() != base.stride() or past.shape[:2] != base.shape[:2]:
+            return None
+        return base
+
+    def append(self, past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        """past (B, kv, S, hd) or None, new (B, kv, T, hd) -> a view (B, kv, S+T, hd) of a buffer holding both."""
+        start = 0 if past is None else past.shape[2]
+        end = start + new.shape[2]
+        buffer = self._extendable(past, end)
+        if buffer is None:
+            capacity = max(MIN_CAPACITY, 1 << (end - 1).bit_length())
+            buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+            if start:
+                buffer[:, :, :start].copy_(past)
+            self.owned = {k: e for k, e in self.owned.items() if e[0]() is not None}
+        buffer[:, :, start:end].copy_(new)
+        self.owned[id(buffer)] = (weakref.ref(buffer), end)
+        return buffer[:, :, :end]
+
+
+class RopeTable:
+    """cos/sin of the rotate-half RoPE angles for positions 0..n-1, per (head size, theta, dtype, device), grown by
+    doubling: the angles of a position never change, so they are computed once, in float32, as the graph's
+    implementation computes them."""
+
+    def __init__(self):
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, head_dim: int, theta: float, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape (>= length, head_dim) in ``like``'s dtype and device."""
+        key = (head_dim, theta, like.dtype, like.device)
+        found = self.tables.get(key)
+        if found is None or found[0].shape[0] < length:
+            size = max(MIN_CAPACITY, 1 << max(0, length - 1).bit_length())
+            half = head_dim // 2
+            inv = torch.pow(theta, -torch.arange(0, half, dtype=torch.float32, device=like.device) / half)
+            phase = torch.outer(torch.arange(size, dtype=torch.float32, device=like.device), inv)
+            found = (torch.cat([phase.cos(), phase.cos()], -1).to(like.dtype),
+                     torch.cat([phase.sin(), phase.sin()], -1).to(like.dtype))
+            self.tables[key] = found
+        return found
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+class FastOps:
+    """The per-call implementations this backend swaps in (one instance per backend: it owns the KV buffers)."""
+
+    def __init__(self):
+        self.cache = KVCache()
+        self.rope = RopeTable()
+
+    def attention(self, attrs, q, k, v, past_k=None, past_v=None):
+        """Causal GQA with RoPE and an in-place growing KV cache (see the module docstring)."""
+        heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
+        batch, steps = q.shape[:2]
+        start = 0 if past_k is None else past_k.shape[2]
+        cos, sin = self.rope.get(hd, attrs["rope_theta"], start + steps, q)
+        cos, sin = cos[start:start + steps], sin[start:start + steps]
+        q = _rotate(q.view(batch, steps, heads, hd).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(batch, steps, kv_heads, hd).transpose(1, 2), cos, sin)
+        v = v.view(batch, steps, kv_heads, hd).transpose(1, 2)
+        keys = self.cache.append(past_k, k)
+        values = self.cache.append(past_v, v)
+        if steps == 1:
+            mask, causal = None, False
+        elif start == 0:
+            mask, causal = None, True
+        else:
+            mask = torch.ones(steps, start + steps, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            causal = False
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=heads != kv_heads)
+        return out.transpose(1, 2).reshape(batch, steps, heads * hd), keys, values
+
+    @staticmethod
+    def linear(attrs, x, w):
+        """x @ w.T; low-precision inputs with many rows in float32, rounded once."""
+        if x.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] > WIDE_ROWS:
+            return (F.linear(x.float(), w.float()).to(x.dtype),)
+        return (F.linear(x, w),)
+
+    @staticmethod
+    def rms_norm(attrs, x, w):
+        """RMS norm with its weight, in x's dtype."""
+        return (F.rms_norm(x, x.shape[-1:], w, attrs["eps"]),)
+
+    @staticmethod
+    def lookup_pool(attrs, table, address, scores, perm=None):
+        """Rows gathered once, scaled per core slice, pooled into the E blocks by one batched matmul."""
+        batch, steps, heads, m = address.shape
+        cores, vdim, blocks = scores.shape[-1], table.shape[1], attrs["E"]
+        virtual = (address if perm is None else perm[address]).reshape(batch * steps, heads * m)
+        rows, block = virtual % attrs["N"], torch.div(virtual, attrs["N"], rounding_mode="floor")
+        values = table[rows].view(batch * steps, heads * m, cores, vdim // cores)
+        weighted = (values * scores.reshape(batch * steps, heads * m, cores, 1)).view(batch * steps, heads * m, vdim)
+        route = F.one_hot(block, blocks).to(weighted.dtype).transpose(1, 2)  # (BT, E, H*m)
+        if weighted.dtype in (torch.bfloat16, torch.float16):
+            pooled = torch.bmm(route.float(), weighted.float()).to(weighted.dtype)
+        else:
+            pooled = torch.bmm(route, weighted)
+        return (pooled.reshape(batch, steps, blocks * vdim),)
+
+
+@register_backend
+class CpuBackend(GraphBackend):
+    """The graph backend with fast attention (in-place KV cache), linears, norms and value pooling."""
+
+    name = "cpu"
+
+    def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
+                 artifacts=None):
+        self.fast = FastOps()
+        super().__init__(graphs, weights, threads, artifacts)
+
+    def overrides(self, graph: Graph) -> dict[int, Callable]:
+        """Every per-call node whose op has a fast implementation here."""
+        table = {"attention": self.fast.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
+                 "lookup_pool": FastOps.lookup_pool}
+        return {i: table[n.op] for i, n in enumerate(graph.nodes) if n.op in table}

@@ -1,0 +1,116 @@
+"""The "cpu" backend: each fast implementation against the op's torch implementation (and, through the shared
+sampler, its decomposition); the in-place KV cache never changes a state it handed out; whole builds against the
+graph backend and the eager model."""
+
+import pytest
+import torch
+
+from conftest import SPECS
+from op_samples import check_instance
+from test_decompositions import EXAMPLES
+from umc.compiler import compile as compile_spec
+from umc.reference import build_model
+from umc.runtime import load
+from umc.runtime.backends.cpu import FastOps, KVCache
+from umc.runtime.torch_ops import TORCH_IMPLS
+from umc.spec import load_spec
+from umc.verify import verify_build
+
+FAST = FastOps()
+OVERRIDDEN = {"attention": FAST.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
+              "lookup_pool": FastOps.lookup_pool}
+
+
+def _close(got, want, dtype):
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if g.is_floating_point():
+            scale = max(w.double().abs().max().item(), 1e-30)
+            assert (g.double() - w.double()).abs().max().item() <= tolerance * scale
+        else:
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("op", ["linear", "rms_norm", "lookup_pool"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_fast_op_equals_its_definition(op, dtype):
+    """Against the op's decomposition (float64 as the yardstick), on the op instances of the example graphs."""
+    for n, (types, attrs) in enumerate(EXAMPLES[op][:4]):
+        check_instance(op, types, attrs, lambda inputs: OVERRIDDEN[op](dict(attrs), *inputs), n, dtype)
+
+
+ATTENTION_CASES = [(4, 2, 8, 5, 0), (4, 2, 8, 1, 6), (4, 4, 8, 3, 4), (2, 1, 16, 1, 1)]  # heads, kv, hd, T, past
+
+
+@pytest.mark.parametrize("heads,kv,hd,steps,past", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_attention_equals_the_torch_implementation(heads, kv, hd, steps, past, dtype):
+    """Prefill (no past), decode (one step) and a multi-token step after a past, grouped and plain heads."""
+    gen = torch.Generator().manual_seed(heads * 100 + steps * 10 + past)
+    batch = 3
+    q = torch.randn(batch, steps, heads * hd, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, steps, kv * hd, generator=gen).to(dtype) for _ in range(2))
+    pasts = [torch.randn(batch, kv, past, hd, generator=gen).to(dtype) for _ in range(2)] if past else []
+    attrs = {"n_heads": heads, "n_kv_heads": kv, "head_dim": hd, "rope_theta": 10000.0}
+    _close(FastOps().attention(attrs, q, k, v, *pasts), TORCH_IMPLS["attention"](attrs, q, k, v, *pasts), dtype)
+
+
+def test_a_wrong_fast_op_is_caught():
+    wrong = lambda attrs, x, w: (torch.nn.functional.rms_norm(x, x.shape[-1:], w, attrs["eps"] * 1e4),)
+    types, attrs = EXAMPLES["rms_norm"][0]
+    with pytest.raises(AssertionError):
+        check_instance("rms_norm", types, attrs, lambda inputs: wrong(dict(attrs), *inputs), 0, "f32")
+
+
+def test_kv_cache_appends_in_place_and_never_changes_a_state_it_gave_out():
+    cache = KVCache()
+    first = cache.append(None, torch.ones(2, 1, 3, 4))
+    second = cache.append(first, torch.full((2, 1, 1, 4), 2.0))
+    assert second._base is first._base and second.shape[2] == 4  # continued in place
+    third = cache.append(second, torch.full((2, 1, 1, 4), 3.0))
+    branch = cache.append(second, torch.full((2, 1, 1, 4), 7.0))  # the same state continued again: copied
+    assert branch._base is not third._base
+    assert torch.equal(third[:, :, 4], torch.full((2, 1, 4), 3.0)) and torch.equal(branch[:, :, 4], torch.full((2, 1, 4), 7.0))
+    assert torch.equal(second, torch.cat([torch.ones(2, 1, 3, 4), torch.full((2, 1, 1, 4), 2.0)], 2))
+    users = torch.zeros(2, 1, 10, 4)
+    extended = cache.append(users[:, :, :5], torch.ones(2, 1, 1, 4))  # a user's tensor is never written
+    assert torch.equal(users, torch.zeros(2, 1, 10, 4)) and extended.shape[2] == 6
+    grown = first
+    for step in range(70):  # past the first buffer's capacity: grows, keeps every position
+        grown = cache.append(grown, torch.full((2, 1, 1, 4), float(step)))
+    assert grown.shape[2] == 73 and torch.equal(grown[0, 0, 3:, 0], torch.arange(70.0))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu") / "build"
+    compile_spec(SPECS / "ultramem-tiny.yaml", out)
+    spec = load_spec(SPECS / "ultramem-tiny.yaml")
+    return out, build_model(spec, seed=spec.seed).state_dict()
+
+
+def test_cpu_backend_equals_graph_backend_while_decoding_and_branching(tiny):
+    out, weights = tiny
+    graph, cpu = load(out, "graph", weights, threads=False), load(out, "cpu", weights)
+    tokens = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1))
+    want_logits, want_state = graph.prefill(tokens[:, :6])
+    got_logits, got_state = cpu.prefill(tokens[:, :6])
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-4)
+    fork_want, fork_got = want_state, got_state
+    for t in range(6, 12):
+        want_step, want_state = graph.decode(tokens[:, t:t + 1], want_state)
+        got_step, got_state = cpu.decode(tokens[:, t:t + 1], got_state)
+        torch.testing.assert_close(got_step, want_step, atol=1e-5, rtol=1e-4)
+    kept = {k: v.clone() for k, v in got_state.items()}
+    for name in kept:  # the states it returned are the graph backend's, position for position
+        torch.testing.assert_close(got_state[name], want_state[name], atol=1e-5, rtol=1e-4)
+    other = torch.randint(0, 512, (3, 1), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(cpu.decode(other, fork_got)[0], graph.decode(other, fork_want)[0], atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(kept[k], got_state[k]) for k in kept)  # continuing an old state changed nothing newer
+
+
+def test_cpu_backend_verifies_against_eager(tiny):
+    out, _ = tiny
+    checks = verify_build(out, backend="cpu", steps=8)
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
