@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from umc.ir.core import TAP_STAGES, Graph, IRError
 from umc.ir.serialize import graph_from_json
+from umc.lower import GRAPH_KINDS
 from umc.manifest import BuildDirError, read_manifest
 from umc.runtime.backends import lookup_backend
 from umc.runtime.checks import InputError, check_feeds, check_state, check_tokens, check_weights
@@ -31,12 +32,16 @@ Taps = dict[int, dict[str, torch.Tensor]]
 
 class State(dict):
     """A session's state (slot name -> tensor: KV caches, conv states), tagged with the build that made it and its
-    batch size, so continuing it in another build's session, or with another batch, is a clear error."""
+    batch size, so continuing it in another build's session, or with another batch, is a clear error. A ragged
+    batch (``Session.batch`` of sequences with different pasts) also carries each sequence's past length
+    (``lengths``, (B,) int64); its KV caches are left-padded to the longest."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], build_id: str, batch: int):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], build_id: str, batch: int,
+                 lengths: torch.Tensor | None = None):
         super().__init__(tensors)
         self.build_id = build_id
         self.batch = batch
+        self.lengths = lengths
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ def read_build(build_dir: str | Path) -> BuildFiles:
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     listed = manifest["artifacts"]
-    missing = [name for name in ("spec.json", "graphs/prefill.json", "graphs/decode.json") if name not in listed]
+    missing = [name for name in ("spec.json", *(f"graphs/{kind}.json" for kind in GRAPH_KINDS)) if name not in listed]
     if missing:
         raise BuildDirError(f"{build_dir}: the manifest does not list {', '.join(missing)}")
     try:
@@ -62,22 +67,25 @@ def read_build(build_dir: str | Path) -> BuildFiles:
     except (ValueError, SpecError) as exc:
         raise BuildDirError(f"{build_dir}/spec.json: {exc}") from None
     graphs = {}
-    for kind in ("prefill", "decode"):
+    for kind in GRAPH_KINDS:
         path = build_dir / "graphs" / f"{kind}.json"
         try:
             graphs[kind] = graph_from_json(json.loads(path.read_text()))
-            check_ports(graphs[kind], spec, decode=kind == "decode")
+            check_ports(graphs[kind], spec, decode=kind != "prefill", ragged=kind == "decode_ragged")
         except (ValueError, IRError) as exc:
             raise BuildDirError(f"{path}: not a valid umc graph: {exc}") from None
     return BuildFiles(build_dir, manifest, spec, graphs)
 
 
-def check_ports(graph: Graph, spec: Spec, decode: bool) -> None:
-    """IRError unless the graph declares what its spec implies: tokens in, logits out, every memory unit's five
-    taps, and KV state for every block (read back in decode graphs) plus conv state for every unit with one."""
+def check_ports(graph: Graph, spec: Spec, decode: bool, ragged: bool = False) -> None:
+    """IRError unless the graph declares what its spec implies: tokens in (and each sequence's past length in a
+    ragged decode graph), logits out, every memory unit's five taps, and KV state for every block (read back in
+    decode graphs) plus conv state for every unit with one."""
     names = {v.name for v in graph.inputs}
     if "tokens" not in names or "logits" not in {v.name for v in graph.outputs}:
         raise IRError("the graph does not take tokens and give logits")
+    if ragged != ("past_len" in names):
+        raise IRError("a ragged decode graph, and only one, takes past_len")
     units = len(spec.memory.units)
     taps = {(t.unit, t.stage) for t in graph.taps}
     wanted = {(j, stage) for j in range(units) for stage in TAP_STAGES}
@@ -91,10 +99,18 @@ def check_ports(graph: Graph, spec: Spec, decode: bool) -> None:
         raise IRError("the graph's state slots do not match the spec's blocks and memory units")
 
 
+def _left_fit(cache: torch.Tensor, length: int) -> torch.Tensor:
+    """A KV cache (B, kv, S, hd) as its last ``length`` positions, zero-padded at the front when shorter."""
+    have = cache.shape[2]
+    if have >= length:
+        return cache[:, :, have - length:]
+    return torch.cat([cache.new_zeros(*cache.shape[:2], length - have, cache.shape[3]), cache], 2)
+
+
 def build_id(build: BuildFiles) -> str:
     """What identifies a build's graphs: the sha256 of their files (identical graphs, identical id)."""
     artifacts = build.manifest["artifacts"]
-    return hashlib.sha256("".join(artifacts[f"graphs/{kind}.json"] for kind in ("prefill", "decode")).encode()).hexdigest()
+    return hashlib.sha256("".join(artifacts[f"graphs/{kind}.json"] for kind in GRAPH_KINDS).encode()).hexdigest()
 
 
 def _taps(graph: Graph, outputs: dict[str, torch.Tensor]) -> Taps:
@@ -141,7 +157,47 @@ class Session:
         if isinstance(state, State) and state.batch != tokens.shape[0]:
             raise InputError(f"the state holds {state.batch} sequences but tokens has {tokens.shape[0]} rows; "
                              "decode one token per sequence of the state")
-        return self._run("decode", {"tokens": tokens, **check_state(self.graphs["decode"], state)}, force)
+        feeds = {"tokens": tokens, **check_state(self.graphs["decode"], state)}
+        lengths = state.lengths if isinstance(state, State) else None
+        if lengths is None:
+            return self._run("decode", feeds, force)
+        logits, new_state, taps = self._run("decode_ragged", {**feeds, "past_len": lengths}, force)
+        new_state.lengths = lengths + tokens.shape[1]
+        return logits, new_state, taps
+
+    def batch(self, states: list[State]) -> State:
+        """One state holding every sequence of ``states`` (each from this session, any past lengths), so one decode
+        call serves sequences that arrived at different times: KV caches left-padded to the longest past, each
+        sequence's own length kept (decoding it equals decoding each sequence alone). Equal lengths give an
+        ordinary state."""
+        if not states or not all(isinstance(st, State) and st.build_id == self.build_id for st in states):
+            raise InputError("batch takes a non-empty list of states this session's build returned")
+        own = [st.lengths if st.lengths is not None else torch.full((st.batch,), self._past(st), dtype=torch.int64)
+               for st in states]
+        lengths = torch.cat(own)
+        longest = int(lengths.max())
+        merged = {}
+        for name in states[0]:
+            parts = states[0][name], *(st[name] for st in states[1:])
+            if name.startswith("kv_"):
+                parts = [_left_fit(part, longest) for part in parts]
+            merged[name] = torch.cat(parts, 0)
+        uniform = bool((lengths == longest).all())
+        return State(merged, self.build_id, int(lengths.numel()), None if uniform else lengths)
+
+    def unbatch(self, state: State) -> list[State]:
+        """One state per sequence of ``state`` (its padding removed): to continue, drop or re-batch sequences."""
+        if not isinstance(state, State) or state.build_id != self.build_id:
+            raise InputError("unbatch takes a state this session's build returned")
+        past = self._past(state)
+        lengths = state.lengths if state.lengths is not None else torch.full((state.batch,), past, dtype=torch.int64)
+        return [State({name: (t[b:b + 1, :, past - int(lengths[b]):] if name.startswith("kv_") else t[b:b + 1])
+                       for name, t in state.items()}, self.build_id, 1) for b in range(state.batch)]
+
+    def _past(self, state: State) -> int:
+        """The KV caches' length (positions, padding included) of a state."""
+        slot = next(s for s in self.graphs["decode"].state if s.kind == "kv_k")
+        return state[slot.name].shape[2]
 
     def _run(self, kind: str, feeds: dict[str, torch.Tensor], force):
         graph = self.graphs[kind]

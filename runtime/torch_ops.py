@@ -121,11 +121,13 @@ def _layer_norm(attrs, x, w, b=None):
     return (F.layer_norm(x, x.shape[-1:], w, b, attrs["eps"]),)
 
 
-def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE for x (B, heads, T, hd) at positions start..start+T-1."""
-    steps, hd = x.shape[2], x.shape[3]
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE for x (B, heads, T, hd) at integer positions (T,) or, per sequence, (B, T)."""
+    hd = x.shape[3]
     inv = torch.pow(theta, -torch.arange(0, hd // 2, dtype=torch.float32, device=x.device) / (hd // 2))
-    phase = torch.outer(torch.arange(start, start + steps, dtype=torch.float32, device=x.device), inv)
+    phase = positions.to(torch.float32).unsqueeze(-1) * inv  # (..., T, hd/2)
+    if phase.dim() == 3:
+        phase = phase.unsqueeze(1)  # per sequence: broadcast over heads
     cos = torch.cat([phase.cos(), phase.cos()], -1).to(x.dtype)
     sin = torch.cat([phase.sin(), phase.sin()], -1).to(x.dtype)
     half = hd // 2
@@ -134,17 +136,23 @@ def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
 
 
 @impl("attention")
-def _attention(attrs, q, k, v, past_k=None, past_v=None):
+def _attention(attrs, q, k, v, past_k=None, past_v=None, past_len=None):
     heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
     batch, steps = q.shape[:2]
     start = 0 if past_k is None else past_k.shape[2]
+    new = torch.arange(steps, device=q.device)
+    positions = start + new if past_len is None else past_len.unsqueeze(1) + new  # (T,) or (B, T)
     split = lambda t, n: t.view(batch, steps, n, hd).permute(0, 2, 1, 3)
-    q = _rope(split(q, heads), start, attrs["rope_theta"])
-    k = _rope(split(k, kv_heads), start, attrs["rope_theta"])
+    q = _rope(split(q, heads), positions, attrs["rope_theta"])
+    k = _rope(split(k, kv_heads), positions, attrs["rope_theta"])
     v = split(v, kv_heads)
     if past_k is not None:
         k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-    mask = torch.ones(steps, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=start)
+    key_at = torch.arange(k.shape[2], device=q.device)
+    mask = key_at <= (start + new).unsqueeze(1)  # (T, S): causal
+    if past_len is not None:  # and a ragged batch's padding (the first start - past_len[b] positions) hidden
+        mask = mask & (key_at >= (start - past_len).view(batch, 1, 1))
+        mask = mask.view(batch, 1, 1, steps, k.shape[2])
     grouped_q = q.view(batch, kv_heads, heads // kv_heads, steps, hd)
     logits = torch.einsum("bgqtd,bgsd->bgqts", grouped_q, k) / hd ** 0.5
     weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)

@@ -50,7 +50,7 @@ def registered():
 def test_registry_lists_backends_and_explains_refusals():
     listed = list_backends()
     assert listed["graph"] is None and listed["test-accelerator"] == "no accelerator on this machine"
-    with pytest.raises(BackendError, match=r"unknown backend 'nope' \(available: graph, onnxruntime, test-sequential, triton\)"):
+    with pytest.raises(BackendError, match=r"unknown backend 'nope' \(available: cpu, graph, onnxruntime, test-sequential, triton\)"):
         lookup_backend("nope")
     with pytest.raises(BackendError, match="cannot run here: no accelerator"):
         lookup_backend("test-accelerator")

@@ -411,17 +411,17 @@ def edit_manifest(build: Path, change) -> None:
 def test_manifest_records_the_build_format(tmp_path):
     umc.compile(TINY, tmp_path / "b")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["build_format"] == BUILD_FORMAT == 2
+    assert manifest["build_format"] == BUILD_FORMAT == 3
     assert {"umc_version", "spec", "spec_sha256", "passes", "artifacts"} <= set(manifest)
 
 
-@pytest.mark.parametrize("found", [None, 3], ids=["before-formats", "newer"])
+@pytest.mark.parametrize("found", [None, 2, 4], ids=["before-formats", "before-ragged", "newer"])
 def test_build_of_another_format_is_a_clear_error(tmp_path, found):
     build = tmp_path / "b"
     umc.compile(TINY, build)
     edit_manifest(build, lambda m: m.pop("build_format") if found is None else m.update(build_format=found))
     wanted = (f"{build} was built with umc {umc.__version__} (build format {found or 1}); "
-              f"this is umc {umc.__version__} (build format 2): recompile it with umc compile")
+              f"this is umc {umc.__version__} (build format 3): recompile it with umc compile")
     with pytest.raises(BuildDirError) as caught:
         load(build, weights={})
     assert str(caught.value) == wanted

@@ -273,7 +273,9 @@ def test_session_checks_its_inputs(tmp_path, tiny_spec):
     _, state = session.prefill(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(InputError, match="tokens"):
         session.decode(torch.zeros(2, 2, dtype=torch.long), state)  # decode takes one token per sequence
-    with pytest.raises(InputError, match="past_k.0 .*B = 2 here but 3 elsewhere"):
+    with pytest.raises(InputError, match="the state holds 2 sequences but tokens has 3 rows"):
         session.decode(torch.zeros(3, 1, dtype=torch.long), state)
+    with pytest.raises(InputError, match="past_k.0 .*B = 2 here but 3 elsewhere"):  # an untagged state: the feed check
+        session.decode(torch.zeros(3, 1, dtype=torch.long), dict(state))
     with pytest.raises(InputError, match="max_seq_len"):
         session.prefill(torch.zeros(1, tiny_spec.model.max_seq_len + 1, dtype=torch.long))

@@ -40,18 +40,22 @@ def test_fast_op_equals_its_definition(op, dtype):
         check_instance(op, types, attrs, lambda inputs: OVERRIDDEN[op](dict(attrs), *inputs), n, dtype)
 
 
-ATTENTION_CASES = [(4, 2, 8, 5, 0), (4, 2, 8, 1, 6), (4, 4, 8, 3, 4), (2, 1, 16, 1, 1)]  # heads, kv, hd, T, past
+ATTENTION_CASES = [(4, 2, 8, 5, 0, False), (4, 2, 8, 1, 6, False), (4, 4, 8, 3, 4, False), (2, 1, 16, 1, 1, False),
+                   (4, 2, 8, 1, 6, True), (4, 2, 8, 2, 5, True)]  # heads, kv, hd, T, past, ragged
 
 
-@pytest.mark.parametrize("heads,kv,hd,steps,past", ATTENTION_CASES)
+@pytest.mark.parametrize("heads,kv,hd,steps,past,ragged", ATTENTION_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_attention_equals_the_torch_implementation(heads, kv, hd, steps, past, dtype):
-    """Prefill (no past), decode (one step) and a multi-token step after a past, grouped and plain heads."""
+def test_fast_attention_equals_the_torch_implementation(heads, kv, hd, steps, past, ragged, dtype):
+    """Prefill (no past), decode (one step), a multi-token step after a past, grouped and plain heads, and ragged
+    batches (each sequence's own past length)."""
     gen = torch.Generator().manual_seed(heads * 100 + steps * 10 + past)
     batch = 3
     q = torch.randn(batch, steps, heads * hd, generator=gen).to(dtype)
     k, v = (torch.randn(batch, steps, kv * hd, generator=gen).to(dtype) for _ in range(2))
     pasts = [torch.randn(batch, kv, past, hd, generator=gen).to(dtype) for _ in range(2)] if past else []
+    if ragged:
+        pasts.append(torch.tensor([past, 0, past - 2]))
     attrs = {"n_heads": heads, "n_kv_heads": kv, "head_dim": hd, "rope_theta": 10000.0}
     _close(FastOps().attention(attrs, q, k, v, *pasts), TORCH_IMPLS["attention"](attrs, q, k, v, *pasts), dtype)
 

@@ -175,8 +175,9 @@ def tiny_build(tmp_path_factory):
 def test_export_lists_files_and_every_model_passes_the_checker(tiny_build):
     manifest = read_manifest(tiny_build)
     listed = [name for name in manifest["artifacts"] if name.startswith("onnx/")]
-    assert set(listed) == {"onnx/prefill.onnx", "onnx/decode.onnx", "onnx/data_loader.py", "onnx/README.md"}
-    for kind in ("prefill", "decode"):
+    assert set(listed) == {"onnx/prefill.onnx", "onnx/decode.onnx", "onnx/decode_ragged.onnx", "onnx/data_loader.py",
+                           "onnx/README.md"}
+    for kind in ("prefill", "decode", "decode_ragged"):
         path = tiny_build / "onnx" / f"{kind}.onnx"
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path))

@@ -28,7 +28,7 @@ from umc.ir.serialize import graph_to_json
 from umc.ir.view import to_dot
 from umc.kernels import kernel_sources
 from umc.kernels.aot import AOTError, compile_kernels
-from umc.lower import lower
+from umc.lower import GRAPH_KINDS, lower
 from umc.dtypes import BY_IR
 from umc.fsutil import exclusive_lock, rename_noreplace
 from umc.manifest import BUILD_FORMAT, BuildDirError, file_sha256, parse_manifest, present_files, unlisted_files
@@ -177,7 +177,7 @@ def kernels_markdown(kernels: dict) -> list[str]:
 def _write_tree(root: Path, spec: Spec, passes: tuple[str, ...], initial: dict[str, Graph],
                 results: dict[str, list[PassResult]], dump_after: str | None, report: dict) -> None:
     files: dict[str, str] = {"spec.json": _json(spec.to_dict())}
-    for kind in ("prefill", "decode"):
+    for kind in GRAPH_KINDS:
         files[f"ir/{kind}.00-initial.txt"] = format_graph(initial[kind])
         for i, result in enumerate(results[kind], start=1):
             if dump_after in (None, "all", result.name) or i == len(results[kind]):

@@ -113,7 +113,8 @@ def _norm(b: GraphBuilder, model: ModelSpec, dtype: str, x: Value, name: str) ->
 def lower_block(b: GraphBuilder, model: ModelSpec, dtype: str, x: Value, i: int, past: tuple[Value, ...],
                 prefix: str) -> tuple[Value, Value, Value, Value]:
     """Emit block ``i`` on the residual stream x (parameter names prefixed by ``prefix``): returns x after it,
-    the normed FFN input h (what memory units read), and the present keys and values (``past`` = (k, v) or ())."""
+    the normed FFN input h (what memory units read), and the present keys and values (``past`` = (k, v), or
+    (k, v, past_len) in a ragged batch, or ())."""
     d, hd, kv = model.d_model, model.head_dim, model.n_kv_heads
     weight = lambda name, *shape: b.param(prefix + name, dtype, shape)
     b.scope = Scope("attn", block=i)
@@ -135,12 +136,13 @@ def lower_block(b: GraphBuilder, model: ModelSpec, dtype: str, x: Value, i: int,
     return x, h, present_k, present_v
 
 
-def _lower_model(spec: Spec, decode: bool) -> Graph:
+def _lower_model(spec: Spec, decode: bool, ragged: bool = False) -> Graph:
     model, mem, dtype = spec.model, spec.memory, ir_name(spec.dtype)
     d, hd, kv = model.d_model, model.head_dim, model.n_kv_heads
     steps: Dim = 1 if decode else T
-    b = GraphBuilder("decode" if decode else "prefill")
+    b = GraphBuilder(("decode_ragged" if ragged else "decode") if decode else "prefill")
     tokens = b.input("tokens", TensorType("i64", (B, steps)))
+    lengths = (b.input("past_len", TensorType("i64", (B,))),) if ragged else ()
     state: list[StateSlot] = []
     past: list[tuple[Value, ...]] = []
     for i in range(model.n_layers):
@@ -164,7 +166,7 @@ def _lower_model(spec: Spec, decode: bool) -> Graph:
     read_inputs: dict[int, Value] = {}
     for i in range(model.n_layers):
         x, read_inputs[i], outputs[f"present_k.{i}"], outputs[f"present_v.{i}"] = lower_block(
-            b, model, dtype, x, i, past[i] if decode else (), f"blocks.{i}.")
+            b, model, dtype, x, i, past[i] + lengths if decode else (), f"blocks.{i}.")
         for j, unit in enumerate(mem.units):
             if unit.write == i:
                 lowered = lower_memory(b, mem, d, dtype, read_inputs[unit.read], f"memories.{j}.", conv_in[j], j)
@@ -185,10 +187,15 @@ def _lower_model(spec: Spec, decode: bool) -> Graph:
                    state=tuple(state), taps=tuple(taps))
 
 
+GRAPH_KINDS = ("prefill", "decode", "decode_ragged")
+
+
 def lower(spec: Spec) -> dict[str, Graph]:
-    """The spec's ``prefill`` (tokens (B,T) -> logits, present state, taps) and ``decode``
-    (tokens (B,1) + past state -> logits + present state, taps) graphs, verified."""
-    return {"prefill": verify(_lower_model(spec, decode=False)), "decode": verify(_lower_model(spec, decode=True))}
+    """The spec's ``prefill`` (tokens (B,T) -> logits, present state, taps), ``decode`` (tokens (B,1) + past state
+    -> logits + present state, taps) and ``decode_ragged`` (``decode`` plus ``past_len`` (B,): each sequence's own
+    past length, its past left-padded to the batch's longest) graphs, verified."""
+    return {"prefill": verify(_lower_model(spec, decode=False)), "decode": verify(_lower_model(spec, decode=True)),
+            "decode_ragged": verify(_lower_model(spec, decode=True, ragged=True))}
 
 
 def lower_layer(mem: MemorySpec, d_model: int, dtype: str = "float32") -> Graph:

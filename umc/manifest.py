@@ -14,8 +14,8 @@ from pathlib import Path
 
 from umc import __version__
 
-# what a build directory holds and how; 1 = builds written before the manifest recorded it
-BUILD_FORMAT = 2
+# what a build directory holds and how; 1 = builds written before the manifest recorded it; 3 = with decode_ragged
+BUILD_FORMAT = 3
 
 
 class BuildDirError(ValueError):

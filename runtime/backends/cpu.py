@@ -105,25 +105,34 @@ class FastOps:
         self.cache = KVCache()
         self.rope = RopeTable()
 
-    def attention(self, attrs, q, k, v, past_k=None, past_v=None):
-        """Causal GQA with RoPE and an in-place growing KV cache (see the module docstring)."""
+    def attention(self, attrs, q, k, v, past_k=None, past_v=None, past_len=None):
+        """Causal GQA with RoPE and an in-place growing KV cache (see the module docstring); with ``past_len``, a
+        ragged batch: per-sequence positions and the padding before each sequence's past masked."""
         heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
         batch, steps = q.shape[:2]
         start = 0 if past_k is None else past_k.shape[2]
-        cos, sin = self.rope.get(hd, attrs["rope_theta"], start + steps, q)
-        cos, sin = cos[start:start + steps], sin[start:start + steps]
+        if past_len is None:
+            cos, sin = self.rope.get(hd, attrs["rope_theta"], start + steps, q)
+            cos, sin = cos[start:start + steps], sin[start:start + steps]
+        else:
+            positions = past_len.unsqueeze(1) + torch.arange(steps, device=q.device)  # (B, T)
+            cos, sin = self.rope.get(hd, attrs["rope_theta"], int(positions.max()) + 1, q)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         q = _rotate(q.view(batch, steps, heads, hd).transpose(1, 2), cos, sin)
         k = _rotate(k.view(batch, steps, kv_heads, hd).transpose(1, 2), cos, sin)
         v = v.view(batch, steps, kv_heads, hd).transpose(1, 2)
         keys = self.cache.append(past_k, k)
         values = self.cache.append(past_v, v)
-        if steps == 1:
-            mask, causal = None, False
-        elif start == 0:
-            mask, causal = None, True
-        else:
+        mask, causal = None, False
+        if past_len is not None:
+            key_at = torch.arange(start + steps, device=q.device)
+            query_at = start + torch.arange(steps, device=q.device)
+            mask = (key_at <= query_at.unsqueeze(1)) & (key_at >= (start - past_len).view(batch, 1, 1))
+            mask = mask.unsqueeze(1)  # (B, 1, T, S)
+        elif steps > 1 and start == 0:
+            causal = True
+        elif steps > 1:
             mask = torch.ones(steps, start + steps, dtype=torch.bool, device=q.device).tril(diagonal=start)
-            causal = False
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                              enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(batch, steps, heads * hd), keys, values

@@ -192,21 +192,28 @@ def _rope(s: OnnxScope, x: str, cos: str, sin: str, half: int) -> str:
 
 @lowering("attention")
 def _attention(s: OnnxScope, xs, attrs, ins, outs):
-    """Causal grouped-query attention with RoPE at positions past..past+T-1; keys and values appended to the past.
+    """Causal grouped-query attention with RoPE at positions past..past+T-1 (per sequence, past_len[b].., in a ragged
+    batch); keys and values appended to the past.
 
-    Shapes: q (B,T,H*hd), k/v (B,T,kv*hd), past k/v (B,kv,S,hd). The rotation angles are computed in float32
-    and cast to the values' dtype, the scores divided by sqrt(hd), masked where key position > query position.
+    Shapes: q (B,T,H*hd), k/v (B,T,kv*hd), past k/v (B,kv,S,hd), past_len (B,). The rotation angles are computed
+    in float32 and cast to the values' dtype, the scores divided by sqrt(hd), masked where key position > query
+    position (and, ragged, where a key is padding before the sequence's past).
     """
     q, k, v, *past = xs
+    lengths = past[2] if len(past) == 3 else None
     heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
     dtype, half = ins[0].dtype, hd // 2
+    zero, one = s.constant(np.array(0, np.int64)), s.constant(np.array(1, np.int64))
     start = s.op("Shape", past[0], start=2, end=3) if past else s.ints([0])
     steps = s.op("Shape", q, start=1, end=2)
     scalar = lambda t: s.op("Squeeze", t, s.ints([0]))
-    positions = s.op("Cast", s.op("Range", scalar(start), scalar(s.op("Add", start, steps)),
-                                    s.constant(np.array(1, np.int64))), to=TensorProto.FLOAT)
+    new = s.op("Range", zero, scalar(steps), one)  # (T,)
+    at = s.op("Add", new, start) if lengths is None else s.op("Add", s.op("Unsqueeze", lengths, s.ints([1])), new)
     inverse = np.power(np.float32(attrs["rope_theta"]), -np.arange(half, dtype=np.float32) / np.float32(half))
-    phase = s.op("Mul", s.op("Unsqueeze", positions, s.ints([1])), s.constant(inverse.astype(np.float32)))
+    phase = s.op("Mul", s.op("Unsqueeze", s.op("Cast", at, to=TensorProto.FLOAT), s.ints([-1])),
+                 s.constant(inverse.astype(np.float32)))  # (T, hd/2) or (B, T, hd/2)
+    if lengths is not None:
+        phase = s.op("Unsqueeze", phase, s.ints([1]))  # (B, 1, T, hd/2): per sequence, every head
     to_dtype = lambda t: s.op("Cast", t, to=s.element_type(dtype))
     cos = to_dtype(s.op("Concat", s.op("Cos", phase), s.op("Cos", phase), axis=-1))
     sin = to_dtype(s.op("Concat", s.op("Sin", phase), s.op("Sin", phase), axis=-1))
@@ -222,12 +229,13 @@ def _attention(s: OnnxScope, xs, attrs, ins, outs):
                                                         (batch, kv_heads, heads // kv_heads, length, hd)))
     keys_5d, values_5d = (s.op("Unsqueeze", t, s.ints([2])) for t in (keys, values))
     scores = s.op("Div", s.op("MatMul", grouped, s.op("Transpose", keys_5d, perm=[0, 1, 2, 4, 3])),
-                   s.scalar(math.sqrt(hd), dtype))
+                  s.scalar(math.sqrt(hd), dtype))
     total = s.op("Shape", keys, start=2, end=3)
-    query_at = s.op("Add", s.op("Unsqueeze", s.op("Range", s.constant(np.array(0, np.int64)), scalar(steps),
-                                                    s.constant(np.array(1, np.int64))), s.ints([1])), start)
-    key_at = s.op("Range", s.constant(np.array(0, np.int64)), scalar(total), s.constant(np.array(1, np.int64)))
-    visible = s.op("LessOrEqual", key_at, query_at)
+    key_at = s.op("Range", zero, scalar(total), one)
+    visible = s.op("LessOrEqual", key_at, s.op("Unsqueeze", s.op("Add", new, start), s.ints([1])))  # (T, S)
+    if lengths is not None:
+        first = s.op("Reshape", s.op("Sub", start, lengths), s.ints([-1, 1, 1]))  # (B, 1, 1)
+        visible = s.op("Unsqueeze", s.op("And", visible, s.op("GreaterOrEqual", key_at, first)), s.ints([1, 2]))
     masked = s.op("Where", visible, scores, s.scalar(-math.inf, dtype))
     weights = s.op("Softmax", masked, axis=-1)
     out = s.op("Reshape", s.op("MatMul", weights, values_5d),

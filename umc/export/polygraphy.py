@@ -16,26 +16,27 @@ from umc.dtypes import BY_IR
 from umc.ir.core import Graph
 from umc.ir.dims import evaluate_shape
 
-SIZES = {"prefill": {"B": 2, "T": 8, "S_past": 0}, "decode": {"B": 2, "T": 1, "S_past": 7}}
+SIZES = {"prefill": {"B": 2, "T": 8, "S_past": 0}, "decode": {"B": 2, "T": 1, "S_past": 7},
+         "decode_ragged": {"B": 2, "T": 1, "S_past": 7}}
 
 TEMPLATE = '''"""polygraphy data loader for the ONNX models umc exported next to this file (generated; do not edit).
 
     polygraphy run decode.onnx --onnxrt --data-loader-script data_loader.py:load_decode
     polygraphy run decode.onnx --onnxrt --trt --data-loader-script data_loader.py:load_decode --atol 1e-3 --rtol 1e-3
 
-Each load_* function yields feed dicts for one model: token ids below the vocabulary size, other inputs
-(past KV cache and query-conv state) standard normal times 0.5, from a fixed seed.
+Each load_* function yields feed dicts for one model: integers below their bound (token ids below the
+vocabulary size, a ragged batch's past lengths up to the past), other inputs (past KV cache and query-conv
+state) standard normal times 0.5, from a fixed seed.
 """
 
 import numpy as np
 
-VOCAB = $vocab
-MODELS = $models  # model file -> input name -> [numpy dtype name, concrete shape]
+MODELS = $models  # model file -> input name -> [numpy dtype name, concrete shape, bound of integers]
 
 
-def _array(rng, dtype, shape):
+def _array(rng, dtype, shape, bound):
     if dtype == "int64":
-        return rng.integers(0, VOCAB, size=shape, dtype=np.int64)
+        return rng.integers(0, bound, size=shape, dtype=np.int64)
     values = (rng.standard_normal(size=shape) * 0.5).astype(np.float32)
     if dtype == "bfloat16":
         import ml_dtypes
@@ -48,7 +49,7 @@ def load(model_file, iterations=2, seed=0):
     """Feed dicts for ``model_file`` (one of MODELS)."""
     rng = np.random.default_rng(seed)
     for _ in range(iterations):
-        yield {name: _array(rng, dtype, shape) for name, (dtype, shape) in MODELS[model_file].items()}
+        yield {name: _array(rng, *spec) for name, spec in MODELS[model_file].items()}
 $loaders'''
 
 LOADER = '''
@@ -71,10 +72,12 @@ def data_loader_source(graphs: Mapping[str, Graph], vocab: int, files: Mapping[s
     models, loaders = {}, []
     for file, (kind, compute) in files.items():
         graph = graphs[kind]
-        models[file] = {v.name: [_numpy_name(v.type.dtype, compute), list(evaluate_shape(v.type.shape, SIZES[kind]))]
-                        for v in graph.inputs}
+        sizes = SIZES[kind]
+        bound = lambda name: sizes["S_past"] + 1 if name == "past_len" else vocab
+        models[file] = {v.name: [_numpy_name(v.type.dtype, compute), list(evaluate_shape(v.type.shape, sizes)),
+                                 bound(v.name)] for v in graph.inputs}
         function = "load_" + file.removesuffix(".onnx").replace(".", "_")
         loaders.append(LOADER.replace("$function", function).replace("$file_literal", json.dumps(file))
                        .replace("$file", file))
-    return (TEMPLATE.replace("$vocab", str(int(vocab))).replace("$models", json.dumps(models, indent=4))
+    return (TEMPLATE.replace("$models", json.dumps(models, indent=4))
             .replace("$loaders", "".join(loaders)))

@@ -88,13 +88,15 @@ def _attention_cost(ins, outs, attrs) -> tuple[int, int]:
     return 4 * batch * steps * context * width, 0
 
 
-@op("attention", "q, k, v, past_k?, past_v?", "out, present_k, present_v",
+@op("attention", "q, k, v, past_k?, past_v?, past_len?: nonnegative", "out, present_k, present_v",
     (Attr("n_heads", "int", minimum=1), Attr("n_kv_heads", "int", minimum=1), Attr("head_dim", "int", minimum=2),
      Attr("rope_theta", "float")), cost=_attention_cost)
 def _attention(ins, attrs):
-    """Causal GQA with rotate-half RoPE at positions S_past.. on q (B,T,H*hd), k, v (B,T,kv*hd) and optional
-    past k, v (B,kv,S_past,hd). Outputs: attention output (B,T,H*hd) and the present k, v (B,kv,S_past+T,hd),
-    keys rotated."""
+    """Causal GQA with rotate-half RoPE on q (B,T,H*hd), k, v (B,T,kv*hd) and optional past k, v (B,kv,S_past,hd).
+    Outputs: attention output (B,T,H*hd) and the present k, v (B,kv,S_past+T,hd), keys rotated, new ones last.
+    Without ``past_len`` every sequence's new tokens sit at positions S_past..; with ``past_len`` (B,) i64 (a
+    ragged batch) sequence b's past is its last past_len[b] positions (the ones before it are padding, never
+    attended to) and its new tokens sit at positions past_len[b].., as if it were decoded alone."""
     q, k, v, *past = ins
     heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
     batch, steps = q.shape[:2]
@@ -103,8 +105,11 @@ def _attention(ins, attrs):
     expect(heads % kv_heads == 0, "attention", f"{kv_heads} kv heads do not divide {heads} heads")
     length = steps
     if past:
-        expect(len(past) == 2 and past[0] == past[1] and past[0].shape[:2] == (batch, kv_heads)
-               and past[0].shape[3] == hd and past[0].dtype == q.dtype, "attention", f"past {past}")
-        length = dim_add(past[0].shape[2], steps)
+        kv_past, lengths = past[:2], past[2:]
+        expect(len(kv_past) == 2 and kv_past[0] == kv_past[1] and kv_past[0].shape[:2] == (batch, kv_heads)
+               and kv_past[0].shape[3] == hd and kv_past[0].dtype == q.dtype, "attention", f"past {past}")
+        expect(all(t.dtype == "i64" and t.shape == (batch,) for t in lengths), "attention",
+               f"past_len {lengths} is not i64 of shape (B,)")
+        length = dim_add(kv_past[0].shape[2], steps)
     present = q.with_shape(batch, kv_heads, length, hd)
     return q, present, present
