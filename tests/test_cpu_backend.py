@@ -12,6 +12,7 @@ from umc.compiler import compile as compile_spec
 from umc.reference import build_model
 from umc.runtime import load
 from umc.runtime.backends.cpu import FastOps, KVCache
+from umc.runtime.backends.cpu_kernels import kernel, linear_bf16
 from umc.runtime.torch_ops import TORCH_IMPLS
 from umc.spec import load_spec
 from umc.verify import verify_build
@@ -118,3 +119,19 @@ def test_cpu_backend_verifies_against_eager(tiny):
     out, _ = tiny
     checks = verify_build(out, backend="cpu", steps=8)
     assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+@pytest.mark.parametrize("rows,width", [(1, 768), (3, 37), (8, 16), (2, 15)])
+def test_bfloat16_kernel_equals_a_float32_product(rows, width):
+    """The C++ kernel (built on this machine: AVX2/FMA are there) against float32 F.linear of the same bfloat16
+    values, widths that are and are not multiples of its 16-wide step; rounded once to bfloat16."""
+    gemv, why = kernel()
+    assert gemv is not None, why
+    gen = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(1, rows, width, generator=gen).bfloat16()
+    w = torch.randn(33, width, generator=gen).bfloat16()
+    want = torch.nn.functional.linear(x.float(), w.float())
+    got = linear_bf16(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, 33)
+    assert (got.float() - want).abs().max() <= 2 ** -8 * want.abs().max()
+    assert (gemv(x[0].float(), w) - want[0]).abs().max() <= 1e-5 * want.abs().max()

@@ -9,7 +9,8 @@ What it changes, op by op (everything else runs its torch implementation, as in 
   exactly that state appends into it instead of copying the whole cache (``KVCache``). A state continued
   twice (branching) is copied on the second continuation, so no returned state is ever changed.
 - ``linear``: ``F.linear`` (no transposed view). For bfloat16/float16 activations at batch x steps above
-  ``WIDE_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once.
+  ``MAX_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once;
+  bfloat16 with fewer rows through a C++ kernel that reads the weights as bfloat16 (``cpu_kernels``).
 - ``rms_norm``: ``F.rms_norm``.
 - ``lookup_pool``: the value rows gathered once and pooled into the E blocks with one batched matmul against
   the per-block weights (no one-hot, no scatter).
@@ -28,9 +29,9 @@ import torch.nn.functional as F
 
 from umc.ir.core import Graph
 from umc.runtime.backends import register_backend
+from umc.runtime.backends.cpu_kernels import MAX_ROWS, kernel, linear_bf16
 from umc.runtime.backends.graph import GraphBackend
 
-WIDE_ROWS = 8  # low-precision linears with more rows than this compute in float32
 MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
 
 
@@ -139,9 +140,13 @@ class FastOps:
 
     @staticmethod
     def linear(attrs, x, w):
-        """x @ w.T; low-precision inputs with many rows in float32, rounded once."""
-        if x.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] > WIDE_ROWS:
+        """x @ w.T; low-precision inputs with many rows in float32, rounded once; bfloat16 with few rows through
+        the C++ kernel (``cpu_kernels``) where it could be built."""
+        rows = x.numel() // x.shape[-1]
+        if x.dtype in (torch.bfloat16, torch.float16) and rows > MAX_ROWS:
             return (F.linear(x.float(), w.float()).to(x.dtype),)
+        if x.dtype == torch.bfloat16 and rows <= MAX_ROWS and kernel()[0] is not None:
+            return (linear_bf16(x, w),)
         return (F.linear(x, w),)
 
     @staticmethod
