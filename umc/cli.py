@@ -378,3 +378,7 @@ def verify_golden_command(files, backend):
 from umc.generate import run_command  # noqa: E402 - the command's module imports umc.cli only when it runs
 
 main.add_command(run_command)
+
+from umc.bench.command import bench_command  # noqa: E402 - the command's module imports umc.cli only when it runs
+
+main.add_command(bench_command)
