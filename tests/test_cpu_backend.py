@@ -19,7 +19,7 @@ from umc.verify import verify_build
 
 FAST = FastOps()
 OVERRIDDEN = {"attention": FAST.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
-              "lookup_pool": FastOps.lookup_pool}
+              "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
 
 
 def _close(got, want, dtype):
@@ -33,7 +33,7 @@ def _close(got, want, dtype):
             assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("op", ["linear", "rms_norm", "lookup_pool"])
+@pytest.mark.parametrize("op", ["linear", "rms_norm", "lookup_pool", "grid_topm"])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_fast_op_equals_its_definition(op, dtype):
     """Against the op's decomposition (float64 as the yardstick), on the op instances of the example graphs."""

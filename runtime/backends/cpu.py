@@ -10,10 +10,10 @@ What it changes, op by op (everything else runs its torch implementation, as in 
   twice (branching) is copied on the second continuation, so no returned state is ever changed.
 - ``linear``: ``F.linear`` (no transposed view). For bfloat16/float16 activations at batch x steps above
   ``MAX_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once;
-  bfloat16 with fewer rows through a C++ kernel that reads the weights as bfloat16 (``cpu_kernels``).
+  bfloat16 with 2..8 rows through a C++ kernel that reads the weights as bfloat16 (``cpu_kernels``).
 - ``rms_norm``: ``F.rms_norm``.
-- ``lookup_pool``: the value rows gathered once and pooled into the E blocks with one batched matmul against
-  the per-block weights (no one-hot, no scatter).
+- ``lookup_pool``: one ``embedding_bag`` (gather, per-core scale and block sum fused, no temporaries).
+- ``grid_topm``: with many tokens, the winners' rank scores from one GEMM over every key, then gathered.
 
 Selections are computed as in ``graph`` (same top-k over the same float32 scores), so the two agree on every
 selection up to the rounding of the fused ops; ``umc verify --backend cpu`` checks it against the eager model.
@@ -31,8 +31,13 @@ from umc.ir.core import Graph
 from umc.runtime.backends import register_backend
 from umc.runtime.backends.cpu_kernels import MAX_ROWS, kernel, linear_bf16
 from umc.runtime.backends.graph import GraphBackend
+from umc.runtime.torch_ops import TORCH_IMPLS
 
 MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
+# one row: PyTorch's own bfloat16 GEMV measured faster here (227M decode, batch 1: 81.5 ms against 101.6 ms with the
+# kernel); 2-8 rows: the kernel (batch 8: 239.5 ms against 289.0 ms)
+MIN_KERNEL_ROWS = 2
+DENSE_SCORING_RATIO = 4  # grid_topm scores every key when tokens * m * this >= the keys per side
 
 
 class KVCache:
@@ -140,12 +145,12 @@ class FastOps:
 
     @staticmethod
     def linear(attrs, x, w):
-        """x @ w.T; low-precision inputs with many rows in float32, rounded once; bfloat16 with few rows through
+        """x @ w.T; low-precision inputs with many rows in float32, rounded once; bfloat16 with 2..8 rows through
         the C++ kernel (``cpu_kernels``) where it could be built."""
         rows = x.numel() // x.shape[-1]
         if x.dtype in (torch.bfloat16, torch.float16) and rows > MAX_ROWS:
             return (F.linear(x.float(), w.float()).to(x.dtype),)
-        if x.dtype == torch.bfloat16 and rows <= MAX_ROWS and kernel()[0] is not None:
+        if x.dtype == torch.bfloat16 and MIN_KERNEL_ROWS <= rows <= MAX_ROWS and kernel()[0] is not None:
             return (linear_bf16(x, w),)
         return (F.linear(x, w),)
 
@@ -156,19 +161,54 @@ class FastOps:
 
     @staticmethod
     def lookup_pool(attrs, table, address, scores, perm=None):
-        """Rows gathered once, scaled per core slice, pooled into the E blocks by one batched matmul."""
+        """Every pick's value row scaled by its core's score and summed into its block by one ``embedding_bag``
+        (fused gather, scale and sum, no temporaries): the table viewed as (N * cores, vdim / cores) rows, one bag
+        per (token, core, block)."""
         batch, steps, heads, m = address.shape
         cores, vdim, blocks = scores.shape[-1], table.shape[1], attrs["E"]
-        virtual = (address if perm is None else perm[address]).reshape(batch * steps, heads * m)
+        tokens, picks = batch * steps, heads * m
+        virtual = (address if perm is None else perm[address]).reshape(tokens, picks)
         rows, block = virtual % attrs["N"], torch.div(virtual, attrs["N"], rounding_mode="floor")
-        values = table[rows].view(batch * steps, heads * m, cores, vdim // cores)
-        weighted = (values * scores.reshape(batch * steps, heads * m, cores, 1)).view(batch * steps, heads * m, vdim)
-        route = F.one_hot(block, blocks).to(weighted.dtype).transpose(1, 2)  # (BT, E, H*m)
-        if weighted.dtype in (torch.bfloat16, torch.float16):
-            pooled = torch.bmm(route.float(), weighted.float()).to(weighted.dtype)
-        else:
-            pooled = torch.bmm(route, weighted)
+        core = torch.arange(cores, device=table.device)
+        slice_rows = (rows.unsqueeze(-1) * cores + core).reshape(-1)  # (tokens * picks * cores,)
+        token = torch.arange(tokens, device=table.device).view(-1, 1, 1)
+        bag = ((token * cores + core) * blocks + block.unsqueeze(-1)).reshape(-1)
+        order = torch.argsort(bag, stable=True)
+        counts = torch.bincount(bag, minlength=tokens * cores * blocks)
+        offsets = torch.cumsum(counts, 0) - counts
+        weights = scores.reshape(-1)[order]
+        if weights.dtype != table.dtype:
+            weights = weights.to(table.dtype)
+        pooled = F.embedding_bag(slice_rows[order], table.view(-1, vdim // cores), offsets, mode="sum",
+                                 per_sample_weights=weights)
+        pooled = pooled.view(tokens, cores, blocks, vdim // cores).transpose(1, 2)
         return (pooled.reshape(batch, steps, blocks * vdim),)
+
+    @staticmethod
+    def grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
+        """As the graph's grid_topm, but with many tokens the winners' rank scores come from one GEMM over every key
+        (then gathered) instead of gathering each winner's (kd x r) key block."""
+        m, n = i_row.shape[-1], keys_row.shape[1]
+        tokens = q_row.numel() // (q_row.shape[-1] * q_row.shape[-2])
+        if tokens * m * DENSE_SCORING_RATIO < n:
+            return TORCH_IMPLS["grid_topm"](attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
+
+        def rank_scores(q, keys, index):
+            heads, keys_n, kd, rank = keys.shape
+            flat = q.float().reshape(tokens, heads, kd).transpose(0, 1)  # (H, tokens, kd)
+            every = torch.bmm(flat, keys.float().permute(0, 2, 1, 3).reshape(heads, kd, keys_n * rank))
+            every = every.view(heads, tokens, keys_n, rank).transpose(0, 1)  # (tokens, H, n, r)
+            chosen = index.reshape(tokens, heads, -1, 1).expand(-1, -1, -1, rank)
+            return torch.gather(every, 2, chosen)  # (tokens, H, m, r)
+
+        rows, cols = rank_scores(q_row, keys_row, i_row), rank_scores(q_col, keys_col, i_col)
+        grid = torch.matmul(torch.einsum("thir,hcrs->thcis", rows, cores.float()), cols.unsqueeze(2).transpose(-1, -2))
+        winners = torch.topk(grid.flatten(-2).sum(-2), m, dim=-1).indices  # (tokens, H, m)
+        i_row_flat, i_col_flat = i_row.reshape(tokens, -1, m), i_col.reshape(tokens, -1, m)
+        address = torch.take_along_dim(i_row_flat, winners // m, -1) * n + torch.take_along_dim(i_col_flat, winners % m, -1)
+        per_core = torch.take_along_dim(grid.flatten(-2), winners.unsqueeze(-2), dim=-1).transpose(-1, -2)
+        lead = i_row.shape[:-1]
+        return address.reshape(*lead, m), per_core.reshape(*lead, m, cores.shape[1]).to(q_row.dtype)
 
 
 @register_backend
@@ -185,5 +225,5 @@ class CpuBackend(GraphBackend):
     def overrides(self, graph: Graph) -> dict[int, Callable]:
         """Every per-call node whose op has a fast implementation here."""
         table = {"attention": self.fast.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
-                 "lookup_pool": FastOps.lookup_pool}
+                 "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
         return {i: table[n.op] for i, n in enumerate(graph.nodes) if n.op in table}
