@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 
 import torch
 
@@ -87,6 +89,9 @@ def kernel():
         return None, "UMC_CPU_KERNELS=0"
     if not {"avx2", "fma"} <= _cpu_flags():
         return None, "the CPU lacks AVX2/FMA"
+    beside_python = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if shutil.which("ninja") is None and os.path.exists(beside_python):  # the pip ninja of an unactivated venv
+        os.environ["PATH"] = os.path.dirname(beside_python) + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load_inline
 
