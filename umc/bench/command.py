@@ -226,7 +226,7 @@ def _time_all(plan: Plan, contenders: list[Contender], probe: ReadProbe, reps: i
               help="Size of the read-bandwidth probe's matrix in MiB (keep it far above the last-level cache).")
 @click.option("--gemm-size", type=click.IntRange(16), default=2048, show_default=True,
               help="n of the n x n fp32 torch.mm whose rate is the compute limit.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's choice; ONNX Runtime keeps its own pool). On a busy machine, 1 "
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads, which the onnxruntime backend's intra-op pool follows (default: torch's choice). On a busy machine, 1 "
                    "avoids waits at every parallel op.")
 @click.option("--peak-memory/--no-peak-memory", default=True, show_default=True,
               help="Measure each contender's peak RSS in a process of its own (at the largest batch and past).")
