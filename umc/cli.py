@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -108,7 +109,25 @@ def format_cost(cost: SpecCost, needs: MemoryNeeds) -> str:
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CommandGroup(click.Group):
+    """The umc group: commands in modules of their own (``umc run``, ``umc bench``) are imported only when named
+    (or listed by ``--help``), so every other command starts without loading torch."""
+
+    ELSEWHERE = {"run": ("umc.generate", "run_command"), "bench": ("umc.bench.command", "bench_command")}
+
+    def list_commands(self, ctx):
+        """Every command name, sorted."""
+        return sorted({*super().list_commands(ctx), *self.ELSEWHERE})
+
+    def get_command(self, ctx, name):
+        """The command called ``name``, importing its module if it lives elsewhere."""
+        if name in self.ELSEWHERE:
+            module, attribute = self.ELSEWHERE[name]
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="umc")
 def main():
     """umc: the UltraMem model compiler."""
@@ -374,11 +393,3 @@ def verify_golden_command(files, backend):
         sys.exit(1)
     click.echo(f"OK: {len(files)} golden files match")
 
-
-from umc.generate import run_command  # noqa: E402 - the command's module imports umc.cli only when it runs
-
-main.add_command(run_command)
-
-from umc.bench.command import bench_command  # noqa: E402 - the command's module imports umc.cli only when it runs
-
-main.add_command(bench_command)
