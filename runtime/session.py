@@ -53,6 +53,12 @@ class BuildFiles:
     spec: Spec
     graphs: dict[str, Graph]
 
+    @property
+    def weights_file(self) -> Path | None:
+        """The build's ``weights.safetensors`` when its manifest lists it (its hash was checked), else None: a file
+        the manifest does not list is never used."""
+        return self.path / "weights.safetensors" if "weights.safetensors" in self.manifest["artifacts"] else None
+
 
 def read_build(build_dir: str | Path) -> BuildFiles:
     """Manifest (format, hashes), spec and graphs of a build, each verified; BuildDirError names what is wrong."""
@@ -224,9 +230,9 @@ def load(build_dir: str | Path, backend: str = "graph", weights: str | Path | Ma
     ``weights.safetensors`` — used only if the manifest lists it (and its hash matched)."""
     build = read_build(build_dir)
     if weights is None:
-        if "weights.safetensors" not in build.manifest["artifacts"]:
+        if build.weights_file is None:
             raise BuildDirError(f"{build.path}: no weights given, and the build's manifest lists no weights.safetensors")
-        weights = build.path / "weights.safetensors"
+        weights = build.weights_file
     if not isinstance(weights, Mapping):
         weights = load_weights_file(weights)
     return Session(build, weights, backend, threads)

@@ -196,8 +196,8 @@ def open_session(target: Path, spec: Spec, build: BuildFiles | None, backend: st
     from umc.runtime import Session, read_build
 
     if build is not None:
-        if weights is None and "weights.safetensors" in build.manifest["artifacts"]:
-            weights = str(build.path / "weights.safetensors")
+        if weights is None and build.weights_file is not None:
+            weights = str(build.weights_file)
         yield Session(build, _weights(spec, weights, say, f"{target} ships no weights.safetensors"), backend)
         return
     from umc.compiler import compile as compile_spec

@@ -326,8 +326,8 @@ def prepare(build_dir: str | Path, backend: str, seed: int | None, steps: int, b
         raise VerifyError(f"prompt + steps = {total} exceeds the spec's max_seq_len {spec.model.max_seq_len}")
     require_verify_memory(spec, batch, total)
     eager = build_model(spec, seed=seed)
-    if "weights.safetensors" in build.manifest["artifacts"]:
-        load_weights(eager, build.path / "weights.safetensors")
+    if build.weights_file is not None:
+        load_weights(eager, build.weights_file)
     session = Session(build, eager.state_dict(), backend)
     tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(seed))
     return session, eager, tokens
@@ -446,8 +446,8 @@ def verify_golden(path: str | Path, backend: str = "graph", passes: tuple[str, .
 def _slice_weights(build, parts: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The weights of eager slices, by the full names the build's graphs use (prefix -> module): from the build's
     weights.safetensors (only those tensors) when its manifest lists one, else the seeded modules' own."""
-    if "weights.safetensors" in build.manifest["artifacts"]:
-        with safetensors.safe_open(str(build.path / "weights.safetensors"), "pt") as f:
+    if build.weights_file is not None:
+        with safetensors.safe_open(str(build.weights_file), "pt") as f:
             for prefix, module in parts.items():
                 module.load_state_dict({name[len(prefix):]: f.get_tensor(name) for name in f.keys()
                                         if name.startswith(prefix)})

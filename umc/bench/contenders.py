@@ -124,8 +124,7 @@ def open_model(path: Path, workdir: Path) -> ModelTarget:
 
     if path.is_dir():
         build = read_build(path)
-        weights = path / "weights.safetensors" if "weights.safetensors" in build.manifest["artifacts"] else None
-        return ModelTarget(path, build.spec, weights)
+        return ModelTarget(path, build.spec, build.weights_file)
     build = compile_spec(path, workdir / "build")
     return ModelTarget(build.path, build.spec, None)
 
@@ -263,8 +262,8 @@ def open_layer(choice: str, source: Path | None) -> LayerTarget:
         spec = build.spec if build else load_spec(source)
         config = official_config(spec)
         layer = build_memory_layer(spec, 0)
-        if build and "weights.safetensors" in build.manifest["artifacts"]:
-            with safetensors.safe_open(str(source / "weights.safetensors"), "pt") as file:
+        if build and build.weights_file is not None:
+            with safetensors.safe_open(str(build.weights_file), "pt") as file:
                 layer.load_state_dict({name: file.get_tensor(f"memories.0.{name}") for name in layer.state_dict()})
         return LayerTarget(f"{spec.name} memory unit 0", config, dict(layer.state_dict()))
     path = Path(choice)

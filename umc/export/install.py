@@ -41,10 +41,9 @@ def _weights(build, weights: str | Path | Mapping[str, torch.Tensor] | None) -> 
     from umc.runtime.checks import check_weights
     from umc.runtime.session import load_weights_file
 
+    weights = build.weights_file if weights is None else weights
     if weights is None:
-        if "weights.safetensors" not in build.manifest["artifacts"]:
-            return None
-        weights = build.path / "weights.safetensors"
+        return None
     if not isinstance(weights, Mapping):
         weights = load_weights_file(weights)
     check_weights(build.graphs, weights)

@@ -168,9 +168,9 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"compile_trt.py: no CUDA GPU here; the compile {NEEDS}")
     build = read_build(args.build)
-    if args.weights is None and "weights.safetensors" not in build.manifest["artifacts"]:
+    if args.weights is None and build.weights_file is None:
         sys.exit(f"compile_trt.py: {build.path} has no weights.safetensors; give --weights FILE")
-    weights = load_weights_file(args.weights or build.path / "weights.safetensors")
+    weights = load_weights_file(args.weights or build.weights_file)
     for path in compile_build(build, weights, args.out, args.max_batch, args.graphs.split(","), args.device):
         print(f"wrote {path}")
 
