@@ -358,12 +358,19 @@ def winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
     return _tucker_grid(rows, cols, cores.float())
 
 
+def top_of_grid(grid: torch.Tensor, i_row: torch.Tensor, i_col: torch.Tensor, n: int):
+    """The top m of a per-core grid (...,H,h,m,m) summed over cores: grid addresses (...,H,m) and each core's score
+    at them (...,H,m,h), in the grid's dtype."""
+    m = grid.shape[-1]
+    winners = torch.topk(grid.flatten(-2).sum(-2), m, dim=-1).indices
+    return _address(i_row, i_col, winners, m, n), _grid_scores(grid, winners)
+
+
 @impl("grid_topm")
 def _grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
     grid = winner_grid(q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
-    m = grid.shape[-1]
-    winners = torch.topk(grid.flatten(-2).sum(-2), m, dim=-1).indices
-    return _address(i_row, i_col, winners, m, attrs["n"]), _grid_scores(grid, winners).to(q_row.dtype)
+    address, scores = top_of_grid(grid, i_row, i_col, attrs["n"])
+    return address, scores.to(q_row.dtype)
 
 
 @forced("grid_topm")

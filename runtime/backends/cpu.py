@@ -31,7 +31,7 @@ from umc.ir.core import Graph
 from umc.runtime.backends import register_backend
 from umc.runtime.backends.cpu_kernels import MAX_ROWS, kernel, linear_bf16
 from umc.runtime.backends.graph import GraphBackend
-from umc.runtime.torch_ops import TORCH_IMPLS
+from umc.runtime.torch_ops import TORCH_IMPLS, top_of_grid
 
 MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
 # one row: PyTorch's own bfloat16 GEMV measured faster here (227M decode, batch 1: 81.5 ms against 101.6 ms with the
@@ -188,7 +188,7 @@ class FastOps:
     def grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
         """As the graph's grid_topm, but with many tokens the winners' rank scores come from one GEMM over every key
         (then gathered) instead of gathering each winner's (kd x r) key block."""
-        m, n = i_row.shape[-1], keys_row.shape[1]
+        m, n = i_row.shape[-1], attrs["n"]
         tokens = q_row.numel() // (q_row.shape[-1] * q_row.shape[-2])
         if tokens * m * DENSE_SCORING_RATIO < n:
             return TORCH_IMPLS["grid_topm"](attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
@@ -199,16 +199,12 @@ class FastOps:
             every = torch.bmm(flat, keys.float().permute(0, 2, 1, 3).reshape(heads, kd, keys_n * rank))
             every = every.view(heads, tokens, keys_n, rank).transpose(0, 1)  # (tokens, H, n, r)
             chosen = index.reshape(tokens, heads, -1, 1).expand(-1, -1, -1, rank)
-            return torch.gather(every, 2, chosen)  # (tokens, H, m, r)
+            return torch.gather(every, 2, chosen).reshape(*index.shape, rank)  # (..., H, m, r)
 
         rows, cols = rank_scores(q_row, keys_row, i_row), rank_scores(q_col, keys_col, i_col)
-        grid = torch.matmul(torch.einsum("thir,hcrs->thcis", rows, cores.float()), cols.unsqueeze(2).transpose(-1, -2))
-        winners = torch.topk(grid.flatten(-2).sum(-2), m, dim=-1).indices  # (tokens, H, m)
-        i_row_flat, i_col_flat = i_row.reshape(tokens, -1, m), i_col.reshape(tokens, -1, m)
-        address = torch.take_along_dim(i_row_flat, winners // m, -1) * n + torch.take_along_dim(i_col_flat, winners % m, -1)
-        per_core = torch.take_along_dim(grid.flatten(-2), winners.unsqueeze(-2), dim=-1).transpose(-1, -2)
-        lead = i_row.shape[:-1]
-        return address.reshape(*lead, m), per_core.reshape(*lead, m, cores.shape[1]).to(q_row.dtype)
+        (grid,) = TORCH_IMPLS["tucker_grid"]({}, rows, cols, cores.float())
+        address, scores = top_of_grid(grid, i_row, i_col, n)
+        return address, scores.to(q_row.dtype)
 
 
 @register_backend
