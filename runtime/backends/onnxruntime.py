@@ -27,7 +27,6 @@ from umc.ir.core import Graph
 from umc.manifest import parse_manifest
 from umc.runtime.backends import Backend, BackendError, register_backend
 
-LOW_PRECISION = ("f16", "bf16")
 # ORT's parallel executor (skip-layer branches alongside the main stream) measured slower on 2 cores (tiny decode,
 # batch 1: 2.79 ms against 2.50 ms sequential, medians of 40 interleaved steps), so it is used from 4 cores up
 PARALLEL_MIN_CORES = 4
@@ -74,7 +73,7 @@ class OnnxRuntimeBackend(Backend):
         """(ModelProto without weight data, compute dtype) of graph ``kind``: the build's export, or an in-memory one."""
         import onnx
 
-        from umc.export.onnx import check_umc_functions, graph_model
+        from umc.export.onnx import LOW_PRECISION, check_umc_functions, graph_model
 
         low = any(v.type.dtype in LOW_PRECISION for v in (*graph.inputs, *graph.outputs))
         compute = "f32" if low and self.on_cpu else None
@@ -123,13 +122,11 @@ class OnnxRuntimeBackend(Backend):
     @staticmethod
     def _array(tensor: torch.Tensor, compute: str | None):
         """A weight or input as a contiguous numpy array of the model's type (low precision widened in f32 models)."""
+        from umc.export.onnx import as_numpy
+
         if tensor.dtype in (torch.float16, torch.bfloat16) and compute == "f32":
             tensor = tensor.float()
-        if tensor.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return tensor.detach().contiguous().numpy()
+        return as_numpy(tensor)
 
     def run(self, kind: str, feeds: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
             force: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

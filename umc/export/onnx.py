@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from umc import __version__
 from umc.export import ExportContext, ExportError, export_format
-from umc.export.onnx_emit import DOMAIN, OPSET, FunctionTable, OnnxScope
+from umc.export.onnx_emit import DOMAIN, OPSET, FunctionTable, OnnxScope, numpy_dtype_of
 from umc.export.polygraphy import data_loader_source
 from umc.ir.core import Graph, TensorType
 from umc.ir.dims import format_dim
@@ -42,12 +42,18 @@ def value_info(name: str, type_: TensorType, scope: OnnxScope) -> onnx.ValueInfo
     return helper.make_tensor_value_info(name, scope.element_type(type_.dtype), dims)
 
 
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array of the same element type, without a copy where the tensor is contiguous
+    on the CPU (bfloat16 through ml_dtypes, by its bits)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(numpy_dtype_of("bf16"))
+    return tensor.numpy()
+
+
 def weight_array(tensor: torch.Tensor, type_: TensorType, scope: OnnxScope) -> np.ndarray:
     """A weight as a numpy array of the model's element type (upcast in a float32-compute model)."""
-    dtype = scope.numpy_dtype(type_.dtype)
-    if tensor.dtype == torch.bfloat16:
-        return tensor.float().numpy().astype(dtype)
-    return tensor.detach().cpu().numpy().astype(dtype, copy=False)
+    return as_numpy(tensor).astype(scope.numpy_dtype(type_.dtype), copy=False)
 
 
 def external_layout(params, scope: OnnxScope) -> dict[str, tuple[int, int]]:

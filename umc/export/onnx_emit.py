@@ -36,7 +36,7 @@ def is_memory_op(op: str) -> bool:
     return not definition.primitive and definition.infer.__module__ in MEMORY_OP_MODULES
 
 
-def _ml_dtype(ir: str):
+def numpy_dtype_of(ir: str) -> np.dtype:
     """The numpy dtype of an IR element type (bfloat16 through ml_dtypes, which onnx depends on)."""
     if ir == "bf16":
         import ml_dtypes
@@ -126,7 +126,7 @@ class OnnxScope:
         """The numpy dtype of values of IR dtype ``ir`` in this model."""
         if self.functions.compute and BY_IR[ir].floating and ir != "f64":
             ir = self.functions.compute
-        return _ml_dtype(ir)
+        return numpy_dtype_of(ir)
 
     def input(self, name: str, type_: TensorType, value: Value | None = None) -> Value:
         """Declare an input of this scope called ``name``; its bare symbolic dims become readable sizes."""
