@@ -75,9 +75,11 @@ def check_feeds(graph: Graph, feeds: Mapping[str, torch.Tensor]) -> dict[str, in
     return sizes
 
 
-def check_weights(graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor]) -> None:
+def check_weights(graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor],
+                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """Every parameter the graphs read: present, right shape and dtype, finite, and meeting the value
-    constraints of the ops that read it (BindError naming the tensor)."""
+    constraints of the ops that read it (BindError naming the tensor). ``shapes``: parameters held in part
+    (a rank's shard of a value table) and the shape of that part."""
     checked: set[str] = set()
     for graph in graphs.values():
         params = {p.id: p for p in graph.params}
@@ -87,8 +89,10 @@ def check_weights(graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tenso
             if p.name not in weights:
                 raise BindError(f"no weight named {p.name} (the graph {graph.name} needs {p.type})")
             tensor = weights[p.name]
-            if tuple(tensor.shape) != tuple(p.type.shape) or tensor.dtype != torch_dtype(p.type.dtype):
-                raise BindError(f"weight {p.name} is {tensor.dtype}{list(tensor.shape)}, the graph needs {p.type}")
+            wanted = tuple((shapes or {}).get(p.name, p.type.shape))
+            if tuple(tensor.shape) != wanted or tensor.dtype != torch_dtype(p.type.dtype):
+                part = "" if wanted == tuple(p.type.shape) else f" (this rank's shard {list(wanted)})"
+                raise BindError(f"weight {p.name} is {tensor.dtype}{list(tensor.shape)}, the graph needs {p.type}{part}")
             bad = non_finite_count(tensor)
             if bad:
                 raise BindError(f"weight {p.name} has {bad} non-finite values (NaN or Inf)")

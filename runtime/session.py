@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from umc.ir.core import TAP_STAGES, Graph, IRError
 from umc.ir.serialize import graph_from_json
 from umc.lower import GRAPH_KINDS
 from umc.manifest import BuildDirError, read_manifest
-from umc.runtime.backends import lookup_backend
+from umc.report import build_shards
+from umc.runtime.backends import BACKENDS, BackendError, lookup_backend
+from umc.runtime.distributed import World, table_slices
 from umc.runtime.checks import InputError, check_feeds, check_state, check_tokens, check_weights
 from umc.spec import Spec, SpecError, spec_from_dict
 
@@ -127,16 +129,26 @@ def _taps(graph: Graph, outputs: dict[str, torch.Tensor]) -> Taps:
 
 
 class Session:
-    """Prefill and decode through one backend; the state is a dict of named tensors (``StateSlot.name``)."""
+    """Prefill and decode through one backend; the state is a dict of named tensors (``StateSlot.name``).
+
+    A sharded build runs in a ``world`` of its shard count: each rank decodes its own sequences, holds its piece
+    of every value table (whole tables given are cut) and exchanges values in each lookup."""
 
     def __init__(self, build: BuildFiles, weights: Mapping[str, torch.Tensor], backend: str = "graph",
-                 threads: bool = True):
+                 threads: bool = True, world: World | None = None):
         backend_class = lookup_backend(backend)
-        check_weights(build.graphs, weights)
+        slices = check_world(build, world, backend_class)
+        shapes = {name: _shard_shape(build, name, cut) for name, cut in slices.items()}
+        weights = {name: (_cut(t, slices[name]).contiguous() if name in slices and t.shape != shapes[name] else t)
+                   for name, t in weights.items()}
+        check_weights(build.graphs, weights, shapes)
         self.build = build
         self.spec = build.spec
         self.graphs = build.graphs
-        self.backend = backend_class(build.graphs, weights, threads=threads, artifacts=build.path)
+        self.world = world
+        self.table_bytes = {name: weights[name].nbytes for name in slices}  # this rank's pieces of the tables
+        extra = {"world": world} if world is not None else {}
+        self.backend = backend_class(build.graphs, weights, threads=threads, artifacts=build.path, **extra)
         self.build_id = build_id(build)
 
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -216,23 +228,67 @@ class Session:
         return outputs["logits"], state, _taps(graph, outputs)
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors (BuildDirError naming the file if it cannot be read)."""
+def check_shard_count(build: BuildFiles, ranks: int) -> int:
+    """The build's shard count; InputError unless ``ranks`` processes run it (an unsharded build: one)."""
+    shards = build_shards(build.graphs["decode"])
+    if shards != ranks:
+        if shards == 1:
+            raise InputError(f"{build.path} is not sharded, but {ranks} processes were asked for; compile it with "
+                             f"--shard {ranks}, or run it without --nproc")
+        raise InputError(f"{build.path} splits its value tables over {shards} ranks, but {ranks} process"
+                         f"{'es were' if ranks > 1 else ' was'} asked for; run it with --nproc {shards}")
+    return shards
+
+
+def check_world(build: BuildFiles, world: World | None, backend) -> dict[str, tuple[int, int, int]]:
+    """The value tables this rank holds a piece of, {name: (axis, start, stop)}; InputError when the build's shard
+    count and the world's size differ (an unsharded build runs in a world of one), BackendError when the backend
+    cannot run a sharded build."""
+    shards = check_shard_count(build, 1 if world is None else world.size)
+    if shards > 1 and not backend.shardable:
+        raise BackendError(f"backend {backend.name!r} does not run sharded builds (these do: "
+                           f"{', '.join(n for n, c in BACKENDS.items() if c.shardable)})")
+    return {} if world is None else table_slices(build.graphs, world.rank)
+
+
+def _shard_shape(build: BuildFiles, name: str, cut: tuple[int, int, int]) -> tuple[int, ...]:
+    axis, start, stop = cut
+    shape = list(next(p.type.shape for p in build.graphs["decode"].params if p.name == name))
+    shape[axis] = stop - start
+    return tuple(shape)
+
+
+def _cut(tensor, cut: tuple[int, int, int]):
+    axis, start, stop = cut
+    return tensor[start:stop] if axis == 0 else tensor[:, start:stop]
+
+
+def load_weights_file(path: str | Path, slices: Mapping[str, tuple[int, int, int]] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (BuildDirError naming the file if it cannot be read); of the tensors in
+    ``slices`` only the given (axis, start, stop) piece is read."""
     try:
-        return load_file(str(path))
+        if not slices:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            return {name: (_cut(f.get_slice(name), slices[name]).contiguous() if name in slices else f.get_tensor(name))
+                    for name in f.keys()}
     except (OSError, SafetensorError) as exc:
         raise BuildDirError(f"{path}: cannot read safetensors weights: {exc}") from None
 
 
 def load(build_dir: str | Path, backend: str = "graph", weights: str | Path | Mapping[str, torch.Tensor] | None = None,
-         threads: bool = True) -> Session:
+         threads: bool = True, world: World | None = None) -> Session:
     """Open a build directory with weights: a safetensors file, a state dict, or (default) the build's own
-    ``weights.safetensors`` — used only if the manifest lists it (and its hash matched)."""
+    ``weights.safetensors`` — used only if the manifest lists it (and its hash matched). A sharded build
+    (``umc compile --shard P``) needs the ``world`` of a P-rank run (``World.from_env()`` inside torchrun); each
+    rank reads only its piece of every value table."""
     build = read_build(build_dir)
+    slices = check_world(build, world, lookup_backend(backend))
     if weights is None:
         if build.weights_file is None:
             raise BuildDirError(f"{build.path}: no weights given, and the build's manifest lists no weights.safetensors")
         weights = build.weights_file
     if not isinstance(weights, Mapping):
-        weights = load_weights_file(weights)
-    return Session(build, weights, backend, threads)
+        weights = load_weights_file(weights, slices)
+    return Session(build, weights, backend, threads, world)

@@ -385,3 +385,6 @@ def _lookup_pool(attrs, table, address, scores, perm=None):
     virtual = address if perm is None else perm[address]
     row, block = _ive_split(attrs, virtual)
     return _gather_pool(attrs, table, row, block, scores)
+
+
+impl("sharded_lookup_pool")(_lookup_pool)  # without a distributed world: the whole table, as its decomposition

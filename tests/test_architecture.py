@@ -18,7 +18,7 @@ from conftest import GOLDEN, ROOT, SPECS
 PACKAGES = {ROOT / "umc": "umc", ROOT / "passes": "umc.passes", ROOT / "kernels": "umc.kernels",
             ROOT / "runtime": "umc.runtime"}
 REFERENCE = "umc.reference"
-BRIDGES = ("umc.verify", "umc.cli", "umc.generate", "umc.bench.command", "umc.bench.contenders",
+BRIDGES = ("umc.__main__", "umc.verify", "umc.cli", "umc.generate", "umc.bench.command", "umc.bench.contenders",
            "umc.bench.peak")  # may import both sides
 NEUTRAL = ("umc", "umc.spec", "umc.cost", "umc.dtypes", "umc.numerics", "umc.official", "umc.resources")  # shared by both sides
 

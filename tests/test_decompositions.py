@@ -17,6 +17,7 @@ from umc.ir.ops import OPS
 from umc.ir.ops.registry import decomposition
 from umc.lower import lower
 from umc.passes import run_pipeline
+from umc.passes.partition_memory import partition_memory
 from umc.reference import build_model
 from umc.runtime.torch_ops import FORCED_IMPLS, TORCH_IMPLS, impl
 from umc.spec import load_spec
@@ -36,11 +37,15 @@ def example_specs():
 
 
 def collect_examples():
-    """op -> distinct (input types, attrs) found in the graphs of the example specs, lowered and after each pass."""
+    """op -> distinct (input types, attrs) found in the graphs of the example specs, lowered, after each pass, and
+    with their value tables sharded."""
     found: dict[str, dict] = {}
     for spec in example_specs():
         for graph in lower(spec).values():
-            for g in (graph, *(result.graph for result in run_pipeline(graph))):
+            optimized = [result.graph for result in run_pipeline(graph)]
+            if any(n.op == "lookup_pool" for n in optimized[-1].nodes):  # and split over 2 ranks, both ways
+                optimized += [partition_memory(2, p)(optimized[-1])[0] for p in ("number", "dimension")]
+            for g in (graph, *optimized):
                 for node in g.all_nodes():
                     key = (tuple(v.type for v in node.inputs), node.attrs)
                     found.setdefault(node.op, {}).setdefault(key, None)

@@ -16,6 +16,7 @@ import click
 
 from umc.cost import MemoryNeeds, SpecCost, human, memory_needs, spec_cost
 from umc.fsutil import check_new_file, safetensors_metadata, write_new_file
+from umc.launch import nproc_options, record_result, redirect_rank_output, world_for
 from umc.resources import require_memory
 from umc.spec import INT_MAX, SpecError, load_spec
 
@@ -42,6 +43,13 @@ def _user_error_types() -> tuple[type, ...]:
             VerifyError, KernelFileError, ExportError, SafetensorError, OSError)
 
 
+def _distributed_error_type() -> type:
+    """The exception of a failed distributed run (another rank died or timed out), imported only on failure."""
+    from umc.runtime.distributed import DistributedError
+
+    return DistributedError
+
+
 def _internal_error(exc: BaseException) -> None:
     """Report a bug in umc: one line, the traceback written to a file (and printed with UMC_DEBUG=1)."""
     trace = traceback.format_exc()
@@ -59,27 +67,37 @@ def _internal_error(exc: BaseException) -> None:
 
 def user_errors(command):
     """Exit codes scripts can rely on: 0 success, 1 a verification mismatch (the command exits 1 itself),
-    2 a user mistake (one line on stderr, no traceback), 3 an internal error (one line, traceback in a file)."""
+    2 a user mistake (one line on stderr, no traceback), 3 an internal error (one line, traceback in a file) or
+    a failed distributed run (another rank died or timed out; one line). A rank of a ``--nproc`` launch also
+    records its code for the launcher."""
 
     @wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            result = command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit) as exc:
+            code = getattr(exc, "code", getattr(exc, "exit_code", 1))
+            record_result(code if isinstance(code, int) else 1)
             raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
+            record_result(130, "interrupted")
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - every failure gets its exit code
             try:
                 user_mistake = isinstance(exc, _user_error_types())
+                distributed = isinstance(exc, _distributed_error_type())
             except Exception:  # noqa: BLE001 - umc itself cannot import: a bug, whatever the first error was
-                user_mistake = False
-            if user_mistake:
+                user_mistake = distributed = False
+            if user_mistake or distributed:
                 click.echo(f"error: {exc}", err=True)
-                sys.exit(2)
+                record_result(2 if user_mistake else 3, str(exc))
+                sys.exit(2 if user_mistake else 3)
             _internal_error(exc)
+            record_result(3, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
             sys.exit(3)
+        record_result(0)
+        return result
 
     return run
 
@@ -131,6 +149,7 @@ class CommandGroup(click.Group):
 @click.version_option(package_name="umc")
 def main():
     """umc: the UltraMem model compiler."""
+    redirect_rank_output()
 
 
 @main.command()
@@ -263,9 +282,15 @@ def _pass_list(value: str | None) -> tuple[str, ...] | None:
               help="Also compile the generated Triton kernels ahead of time for these GPUs (e.g. sm_80,sm_90).")
 @click.option("--ptx-version", type=click.IntRange(60, 99), default=None,
               help="PTX ISA version to emit, times ten (e.g. 80 for 8.0; default: Triton's for each target).")
+@click.option("--shard", "shards", type=click.IntRange(1), default=1, show_default=True,
+              help="Split every value table over this many ranks (run with --nproc the same).")
+@click.option("--partition", type=click.Choice(["auto", "number", "dimension"]), default="auto", show_default=True,
+              help="With --shard: split tables by rows (number), by columns (dimension), or per unit by the "
+                   "communication-volume model (auto; both volumes are in report.json).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
-def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, force, targets, ptx_version, quiet):
+def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, force, targets, ptx_version, shards,
+                    partition, quiet):
     """Compile a spec into a build directory (IR, graphs, generated kernels, report)."""
     from umc.compiler import compile as compile_spec
     from umc.kernels.aot import AOTError, parse_targets
@@ -279,7 +304,7 @@ def compile_command(spec_path, out_dir, passes, disabled, dump_after, weights, f
     say = (lambda _: None) if quiet else (lambda line: click.echo(line, err=True))
     build = compile_spec(spec_path, out_dir, passes=_pass_list(passes), disable=tuple(disabled),
                          dump_after=dump_after, force=force, weights=weights, progress=say, targets=chosen_targets,
-                         ptx_version=ptx_version)
+                         ptx_version=ptx_version, shards=shards, partition=partition)
     if not quiet:
         final = build.report["decode_cost_batch1"]
         click.echo(f"{build.spec.name}: passes {', '.join(build.passes) or '(none)'}; "
@@ -345,8 +370,9 @@ BACKEND_HELP = "Backend to run the build on (default graph; see umc.runtime.list
 @click.option("--prompt", type=click.IntRange(1), default=8, show_default=True, help="Prompt length.")
 @click.option("--units", default=None, help="Verify these memory units alone, one at a time (e.g. 0,2 or all).")
 @click.option("--blocks", default=None, help="Verify these blocks alone, one at a time (e.g. 0,1 or all).")
+@nproc_options
 @user_errors
-def verify(build_dir, backend, seed, steps, batch, prompt, units, blocks):
+def verify(build_dir, backend, seed, steps, batch, prompt, units, blocks, nproc, timeout):
     """Check a build against the eager reference.
 
     Builds the eager model with SEED (or the build's weights.safetensors), runs a prompt and
@@ -354,13 +380,19 @@ def verify(build_dir, backend, seed, steps, batch, prompt, units, blocks):
     side, checks each selection stage-wise (rows, columns, grid: a top-m of float64 scores up
     to the measured rounding), the per-core scores, logits, KV cache and query-conv state at
     every step within the dtype's tolerance. A model too big to hold is refused up front;
-    --units/--blocks then verify it a slice at a time. Exit 1 on a mismatch.
+    --units/--blocks then verify it a slice at a time. A sharded build verifies with --nproc (its shard
+    count): every rank checks its own tokens, rank 0's table is printed. Exit 1 on a mismatch.
     """
+    from umc.runtime import read_build
     from umc.verify import build_warnings, verify_build, verify_slices
 
     unit_list, block_list = _indices(units, "--units"), _indices(blocks, "--blocks")
+    world = world_for(nproc, timeout, read_build(build_dir))
+    if world is not None and (unit_list is not None or block_list is not None):
+        raise click.BadParameter("slices are verified unsharded; drop --nproc", param_hint="--units/--blocks")
     if unit_list is None and block_list is None:
-        checks = verify_build(build_dir, backend=backend, seed=seed, steps=steps, batch=batch, prompt=prompt)
+        checks = verify_build(build_dir, backend=backend, seed=seed, steps=steps, batch=batch, prompt=prompt,
+                              world=world)
     else:
         checks = verify_slices(build_dir, unit_list or (), block_list or (), backend=backend, seed=seed, steps=steps,
                                batch=batch, prompt=prompt)

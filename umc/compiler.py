@@ -22,7 +22,8 @@ from typing import Callable
 
 from umc import __version__
 from umc.cost import human, memory_needs, spec_cost
-from umc.ir.core import Graph
+from umc.ir.core import Graph, IRError
+from umc.ir.verify import verify
 from umc.ir.printer import format_graph
 from umc.ir.serialize import graph_to_json
 from umc.ir.view import to_dot
@@ -33,8 +34,9 @@ from umc.dtypes import BY_IR
 from umc.fsutil import exclusive_lock, rename_noreplace
 from umc.manifest import BUILD_FORMAT, BuildDirError, file_sha256, parse_manifest, present_files, unlisted_files
 from umc.passes import PIPELINE, PASSES, PassResult, apply_pass
+from umc.passes.partition_memory import CHOICES, partition_memory
 from umc.resources import format_bytes
-from umc.report import BATCHES, decode_cost, node_count
+from umc.report import BATCHES, decode_cost, node_count, sharding_report
 from umc.spec import Spec, load_spec
 
 
@@ -114,6 +116,7 @@ def _report(spec: Spec, initial: dict[str, Graph], results: dict[str, list[PassR
         "passes": passes,
         "decode_cost_batch1": {"initial": decode_cost(initial["decode"])[0].to_dict(),
                                "final": decode_cost(final_decode)[0].to_dict()},
+        "sharding": sharding_report(final_decode),
     }
 
 
@@ -155,8 +158,24 @@ def report_markdown(report: dict) -> str:
     lines += ["", "## What each pass changed", ""]
     for entry in report["passes"]:
         lines.append(f"- **{entry['name']}**: " + ("; ".join(entry["notes"]) if entry["notes"] else "nothing to do"))
+    lines += sharding_markdown(report.get("sharding"))
     lines += kernels_markdown(report.get("kernels", {}))
     return "\n".join(lines) + "\n"
+
+
+def sharding_markdown(sharding: dict | None) -> list[str]:
+    """The report's sharding section: per unit, the partitioning, both partitionings' bytes per token and the
+    largest shard of its table."""
+    if not sharding:
+        return []
+    lines = ["", f"## Sharding ({sharding['shards']} ranks)", "",
+             "| unit | partition | bytes sent per token, number-wise | dimension-wise | table | largest shard |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for u in sharding["units"]:
+        per, table = u["bytes_per_token"], u["table_bytes"]
+        lines.append(f"| {u['unit']} | {u['partition']} | {human(per['number'])} | {human(per['dimension'])} | "
+                     f"{format_bytes(table['whole'])} | {format_bytes(table['largest_shard'])} |")
+    return lines
 
 
 def kernels_markdown(kernels: dict) -> list[str]:
@@ -336,7 +355,8 @@ def _replace_build(staging: Path, out: Path) -> None:
 def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, *, passes: tuple[str, ...] | None = None,
             disable: tuple[str, ...] = (), dump_after: str | None = None, force: bool = False,
             weights: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
-            targets: tuple[int, ...] = (), ptx_version: int | None = None) -> Build:
+            targets: tuple[int, ...] = (), ptx_version: int | None = None, shards: int = 1,
+            partition: str = "auto") -> Build:
     """Compile a spec (or spec file) into ``out_dir``; see the module docstring for what is written.
 
     ``weights``: a safetensors file checked against the model's parameters (every one present with
@@ -346,9 +366,18 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
     the compile is refused too. The generated Triton kernels are written to ``kernels/``; with
     ``targets`` (compute capabilities, e.g. (80, 90)) they are also compiled ahead of time to PTX and
     cubins there (``ptx_version``: Triton's default per target when None), and what each uses is reported.
+    ``shards`` > 1 splits every value table over that many ranks (the ``partition_memory`` pass, after the
+    pipeline; ``partition``: auto, number or dimension), for ``umc.runtime.load(..., world=...)``.
     """
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     chosen = select_passes(passes, disable)
+    if not isinstance(shards, int) or shards < 1:
+        raise BuildError(f"--shard is {shards!r} (allowed: an integer >= 1; 1 leaves the tables whole)")
+    if partition not in CHOICES:
+        raise BuildError(f"--partition is {partition!r} (allowed: {', '.join(CHOICES)})")
+    if shards > 1 and "kernel_fusion" not in chosen:
+        raise BuildError("--shard splits the lookup_pool ops the kernel_fusion pass makes; keep kernel_fusion "
+                         "in the pipeline")
     if dump_after not in (None, "all") and dump_after not in chosen:
         raise BuildError(f"--dump-after {dump_after!r} is not in the pipeline (allowed: all, {', '.join(chosen)})")
     out = _output_path(Path(out_dir))
@@ -370,6 +399,17 @@ def compile(spec_or_path: Spec | str | os.PathLike, out_dir: str | os.PathLike, 
             results[kind].append(apply_pass(name, before))
             counts.append(f"{kind} {len(before.nodes)}→{len(results[kind][-1].graph.nodes)}")
         say(f"[{i + 1}/{len(chosen)}] {name}: {', '.join(counts)} nodes")
+    if shards > 1:
+        chosen = (*chosen, "partition_memory")
+        sharding = partition_memory(shards, partition)
+        for kind, graph in initial.items():
+            before = results[kind][-1].graph if results[kind] else graph
+            try:
+                after, notes = sharding(before)
+            except IRError as exc:
+                raise BuildError(f"--shard {shards} --partition {partition}: {exc}") from None
+            results[kind].append(PassResult("partition_memory", verify(after), tuple(notes)))
+        say(f"partition_memory: value tables split over {shards} ranks")
     finals = {k: (results[k][-1].graph if results[k] else initial[k]) for k in initial}
     kernels = kernel_sources(finals)
     report = _report(spec, initial, results)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
 
+from umc.launch import nproc_options
+from umc.resources import format_bytes
 from umc.spec import INT_MAX
 
 if TYPE_CHECKING:
@@ -187,39 +189,45 @@ def read_target(target: Path) -> tuple[Spec, BuildFiles | None]:
 
 @contextmanager
 def open_session(target: Path, spec: Spec, build: BuildFiles | None, backend: str, weights: str | None,
-                 say: Callable[[str], None]) -> Iterator[Session]:
-    """A session on ``build``, or on ``spec`` compiled into a temporary directory removed afterwards.
+                 say: Callable[[str], None], world=None) -> Iterator[Session]:
+    """A session on ``build``, or on ``spec`` compiled into a temporary directory removed afterwards (split over
+    the ``world``'s ranks when there is one).
 
     Weights: ``weights`` (a safetensors file) when given; else the build's own weights.safetensors when its
-    manifest lists it; else the eager reference's weights for the spec's seed (``say`` tells which).
+    manifest lists it; else the eager reference's weights for the spec's seed (``say`` tells which). A rank of
+    a sharded build reads only its pieces of the value tables from a file.
     """
     from umc.runtime import Session, read_build
+    from umc.runtime.session import check_world, lookup_backend
 
     if build is not None:
         if weights is None and build.weights_file is not None:
             weights = str(build.weights_file)
-        yield Session(build, _weights(spec, weights, say, f"{target} ships no weights.safetensors"), backend)
+        slices = check_world(build, world, lookup_backend(backend))
+        yield Session(build, _weights(spec, weights, say, f"{target} ships no weights.safetensors", slices), backend,
+                      world=world)
         return
     from umc.compiler import compile as compile_spec
 
     with tempfile.TemporaryDirectory(prefix="umc-run-") as scratch:
         out = Path(scratch) / "build"
-        compile_spec(spec, out)
+        compile_spec(spec, out, shards=1 if world is None else world.size)
         if backend in EXPORT_FOR_BACKEND:
             from umc.export.install import export
 
             export(out, EXPORT_FOR_BACKEND[backend])
         say(f"{target}: compiled into a temporary build for this run")
-        yield Session(read_build(out), _weights(spec, weights, say, f"{target} is a spec"), backend)
+        yield Session(read_build(out), _weights(spec, weights, say, f"{target} is a spec"), backend, world=world)
 
 
-def _weights(spec: Spec, path: str | None, say: Callable[[str], None], why: str):
-    """The tensors of the safetensors file ``path``, or (None) the eager reference's seeded weights, said so."""
+def _weights(spec: Spec, path: str | None, say: Callable[[str], None], why: str, slices=None):
+    """The tensors of the safetensors file ``path`` (of ``slices``' tables only those pieces), or (None) the
+    eager reference's seeded weights, said so."""
     if path is not None:
         from umc.runtime.session import load_weights_file
 
         say(f"weights: {path}")
-        return load_weights_file(path)
+        return load_weights_file(path, slices)
     from umc.reference import build_model
 
     say(f"weights: {why}; using the eager reference's seeded weights (seed {spec.seed})")
@@ -253,7 +261,8 @@ def _rate(tokens: int, seconds: float) -> str:
 
 
 def _run(target: str, prompt: str | None, prompt_file: str | None, max_new_tokens: int, backend: str,
-         weights: str | None, temperature: float, top_k: int | None, seed: int | None) -> None:
+         weights: str | None, temperature: float, top_k: int | None, seed: int | None, nproc: int = 1,
+         timeout: float = 120.0) -> None:
     """The body of ``umc run``: every check that needs no weights first, then the session and the generation."""
     from umc.cost import memory_needs
     from umc.resources import require_memory
@@ -270,8 +279,14 @@ def _run(target: str, prompt: str | None, prompt_file: str | None, max_new_token
     require_memory(needs.weight_bytes + needs.kv_cache_bytes + needs.prefill_bytes, f"umc run {spec.name}",
                    parts={"weights": needs.weight_bytes, "KV cache": needs.kv_cache_bytes,
                           "working set": needs.prefill_bytes})
-    with open_session(Path(target), spec, build, backend, weights, say) as session:
+    from umc.launch import world_for
+
+    world = world_for(nproc, timeout, build)
+    with open_session(Path(target), spec, build, backend, weights, say, world) as session:
         result = generate(session, tokens, max_new_tokens, temperature, top_k, seed)
+    if world is not None:
+        say(f"rank {world.rank} of {world.size}: {format_bytes(sum(session.table_bytes.values()))} of value tables "
+            f"held here ({world.log.total()} bytes sent to other ranks)")
     for row in result.tokens.tolist():
         click.echo(" ".join(str(i) for i in row))
     if result.seed is None:
@@ -301,7 +316,9 @@ def _run(target: str, prompt: str | None, prompt_file: str | None, max_new_token
 @click.option("--top-k", type=int, default=None, help="Sample among the K most likely ids only.")
 @click.option("--seed", type=click.IntRange(0, INT_MAX), default=None,
               help="Sampling seed (default: a fresh one, printed on stderr).")
-def run_command(target, prompt, prompt_file, max_new_tokens, backend, weights, temperature, top_k, seed):
+@nproc_options
+def run_command(target, prompt, prompt_file, max_new_tokens, backend, weights, temperature, top_k, seed, nproc,
+                timeout):
     """Generate token ids from a build directory or a spec (compiled for this run).
 
     Prints the new ids, one line per prompt, on stdout; the prefill time and the decode tokens/s on
@@ -309,4 +326,5 @@ def run_command(target, prompt, prompt_file, max_new_tokens, backend, weights, t
     """
     from umc.cli import user_errors
 
-    user_errors(_run)(target, prompt, prompt_file, max_new_tokens, backend, weights, temperature, top_k, seed)
+    user_errors(_run)(target, prompt, prompt_file, max_new_tokens, backend, weights, temperature, top_k, seed, nproc,
+                      timeout)

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from umc.ir.core import Graph
 from umc.ir.dims import evaluate_shape
 from umc.ir.ops import OPS, Concrete
+from umc.passes.partition_memory import lookup_shape
+from umc.sharding import PARTITIONS, exchange_volume, per_token_bytes, shard_ranges
 
-VALUE_GATHERS = ("gather_values", "gather_pool", "lookup_pool")
+VALUE_GATHERS = ("gather_values", "gather_pool", "lookup_pool", "sharded_lookup_pool")
 BATCHES = (1, 8, 64, 512)
 
 
@@ -74,3 +76,36 @@ def decode_cost(graph: Graph, batch: int = 1) -> tuple[Cost, dict[int, Cost]]:
 def node_count(graph: Graph) -> dict[str, int]:
     """Per-call and load-time node counts."""
     return {"nodes": len(graph.nodes), "init_nodes": len(graph.init_nodes)}
+
+
+def sharded_lookups(graph: Graph) -> list:
+    """The graph's sharded lookups, in order."""
+    return [n for n in graph.nodes if n.op == "sharded_lookup_pool"]
+
+
+def build_shards(graph: Graph) -> int:
+    """How many ranks a graph's value tables are split over (1: not sharded)."""
+    return max((n.attr("shards") for n in sharded_lookups(graph)), default=1)
+
+
+def sharding_report(graph: Graph, batches: tuple[int, ...] = BATCHES) -> dict | None:
+    """Per sharded memory unit: the partitioning, both partitionings' bytes sent per token, the bytes moved per
+    decode step (all ranks, each rank decoding ``batch`` sequences) by collective, and the table bytes the
+    largest shard holds against the whole table's. None for an unsharded graph."""
+    nodes = sharded_lookups(graph)
+    if not nodes:
+        return None
+    units = []
+    for node in nodes:
+        shape, shards, chosen = lookup_shape(node), node.attr("shards"), node.attr("partition")
+        split = shape.rows if chosen == "number" else shape.vdim
+        largest = max(stop - start for start, stop in shard_ranges(split, shards))
+        whole = shape.rows * shape.vdim * shape.value_bytes
+        units.append({
+            "unit": node.scope.unit, "partition": chosen, "shape": shape.to_dict(),
+            "bytes_per_token": {p: round(per_token_bytes(p, shape, shards), 3) for p in PARTITIONS},
+            "decode_step_bytes": {str(b): {k: round(v, 3) for k, v in exchange_volume(chosen, shape, shards, b).items()}
+                                  for b in batches},
+            "table_bytes": {"whole": whole, "largest_shard": whole // split * largest},
+        })
+    return {"shards": build_shards(graph), "units": units}

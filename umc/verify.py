@@ -315,9 +315,11 @@ def require_verify_memory(spec, batch: int, tokens: int) -> None:
                    hint="verify it a slice at a time with --units all --blocks all")
 
 
-def prepare(build_dir: str | Path, backend: str, seed: int | None, steps: int, batch: int, prompt: int):
+def prepare(build_dir: str | Path, backend: str, seed: int | None, steps: int, batch: int, prompt: int,
+            world=None):
     """(session, eager model, tokens) for verifying a build: the eager model from ``seed`` (default: the
-    spec's) or from the build's weights.safetensors when its manifest lists it."""
+    spec's) or from the build's weights.safetensors when its manifest lists it. In a distributed ``world`` each
+    rank draws its own tokens (so a value sent to the wrong rank cannot go unnoticed)."""
     build = read_build(build_dir)
     spec = build.spec
     seed = spec.seed if seed is None else seed
@@ -328,20 +330,21 @@ def prepare(build_dir: str | Path, backend: str, seed: int | None, steps: int, b
     eager = build_model(spec, seed=seed)
     if build.weights_file is not None:
         load_weights(eager, build.weights_file)
-    session = Session(build, eager.state_dict(), backend)
-    tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(seed))
+    session = Session(build, eager.state_dict(), backend, world=world)
+    token_seed = seed if world is None else seed + 7919 * world.rank
+    tokens = torch.randint(0, spec.model.vocab_size, (batch, total), generator=torch.Generator().manual_seed(token_seed))
     return session, eager, tokens
 
 
 def verify_build(build_dir: str | Path, backend: str = "graph", seed: int | None = None, steps: int = 8,
-                 batch: int = 2, prompt: int = 8) -> list[Check]:
+                 batch: int = 2, prompt: int = 8, world=None) -> list[Check]:
     """Prefill + ``steps`` decode steps of random tokens through the build and through the eager model.
 
     Every step runs the eager model twice with the build's grid selections forced (in the spec's dtype,
     and in float64 for the tie bands and the low-precision rule), then checks each unit's selection
     stage-wise and its scores, the logits, the KV cache and the query-conv state.
     """
-    session, eager, tokens = prepare(build_dir, backend, seed, steps, batch, prompt)
+    session, eager, tokens = prepare(build_dir, backend, seed, steps, batch, prompt, world)
     dtype = session.spec.dtype
     checks = []
     for rec in trace_steps(session, eager, tokens, prompt):

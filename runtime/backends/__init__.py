@@ -29,6 +29,7 @@ class Backend:
     """Base class: subclasses set ``name`` and implement ``run``; ``unavailable`` explains why not here."""
 
     name = ""
+    shardable = False  # runs builds whose value tables are split over ranks (``world``)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -36,10 +37,11 @@ class Backend:
         return None
 
     def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
-                 artifacts: Path | None = None):
+                 artifacts: Path | None = None, world=None):
         self.graphs = dict(graphs)
         self.threads = threads
         self.artifacts = artifacts
+        self.world = world
 
     def run(self, kind: str, feeds: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
             force: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

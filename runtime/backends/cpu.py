@@ -214,12 +214,12 @@ class CpuBackend(GraphBackend):
     name = "cpu"
 
     def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
-                 artifacts=None):
+                 artifacts=None, world=None):
         self.fast = FastOps()
-        super().__init__(graphs, weights, threads, artifacts)
+        super().__init__(graphs, weights, threads, artifacts, world)
 
     def overrides(self, graph: Graph) -> dict[int, Callable]:
-        """Every per-call node whose op has a fast implementation here."""
+        """Every per-call node whose op has a fast implementation here (and the graph backend's sharded lookups)."""
         table = {"attention": self.fast.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
                  "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
-        return {i: table[n.op] for i, n in enumerate(graph.nodes) if n.op in table}
+        return {**super().overrides(graph), **{i: table[n.op] for i, n in enumerate(graph.nodes) if n.op in table}}

@@ -18,6 +18,7 @@ from umc.ir.core import Graph, Node
 from umc.ir.dims import Sym, evaluate
 from umc.ir.ops import lookup
 from umc.runtime.backends import Backend, BackendError, register_backend
+from umc.runtime.distributed import sharded_lookup
 from umc.runtime.torch_ops import FORCED_IMPLS, TORCH_IMPLS
 
 Observer = Callable[[Node], None]
@@ -165,16 +166,21 @@ class GraphBackend(Backend):
     """Runs the optimized IR with the torch implementation of each op (the reference runtime)."""
 
     name = "graph"
+    shardable = True
 
     def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
-                 artifacts=None):
-        super().__init__(graphs, weights, threads, artifacts)
+                 artifacts=None, world=None):
+        # every rank must reach the lookups' collectives in one order: skip-layer branches run in sequence
+        super().__init__(graphs, weights, threads and world is None, artifacts, world)
         self.programs = {kind: Program(graph, self.overrides(graph)) for kind, graph in self.graphs.items()}
         self.bound = bind_shared(self.graphs, weights)
 
     def overrides(self, graph: Graph) -> dict[int, Callable]:
-        """Per-call nodes (by index) run by something else than their op's torch implementation: none here."""
-        return {}
+        """Per-call nodes (by index) run by something else than their op's torch implementation: in a distributed
+        world, the sharded lookups."""
+        if self.world is None:
+            return {}
+        return {i: sharded_lookup(self.world, n) for i, n in enumerate(graph.nodes) if n.op == "sharded_lookup_pool"}
 
     def run(self, kind, feeds, sizes, force=None, observer: Observer | None = None):
         """See ``Backend.run``; ``observer`` is called with each node as it starts (on the thread running it)."""

@@ -48,6 +48,7 @@ class TritonBackend(GraphBackend):
     """Generated Triton kernels for coarse_topm, grid_topm and lookup_pool; torch for the rest."""
 
     name = "triton"
+    shardable = False
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -28,10 +28,12 @@ from umc.bench.contenders import (COMPILED, EAGER, LAYER_227M, BenchInputError, 
 from umc.bench.limits import StepWork, layer_step, model_step
 from umc.bench.peak import measure_peak, process_peak_rss
 from umc.bench.probes import MIB, GemmRate, ReadProbe, machine_info, measure_gemm
+from umc.bench.sharded import bench_sharded
 from umc.bench.report import (limits_text, machine_text, make_rows, matplotlib_missing, peaks_text, plot,
                               probes_text, results_text, skipped_text)
 from umc.bench.timing import round_robin, summarize, timed_call
 from umc.cost import memory_needs
+from umc.launch import launched_rank, nproc_options, world_for
 from umc.resources import format_bytes, require_memory
 
 PROBE = "read-bandwidth probe"
@@ -235,17 +237,22 @@ def _time_all(plan: Plan, contenders: list[Contender], probe: ReadProbe, reps: i
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a log-log plot of latency against batch per backend (needs matplotlib).")
 @user_errors
+@nproc_options
 def bench_command(source, backends, batch_text, past_text, layer_only, layer_config, reps, warmup, probe_mib, gemm_size,
-                  threads, peak_memory, json_out, plot_out):
+                  threads, peak_memory, json_out, plot_out, nproc, timeout):
     """Time a decode step on every backend against the limits measured in the same run.
 
     Every contender (eager, torch-compile, each backend that runs here) decodes the same step from the same
     past, round-robin with a read-bandwidth probe; the table gives median and spread, tokens/s, the median as a
     fraction of the bandwidth and compute limits, and the ratio against eager. Backends that cannot run here
-    are listed as skipped with the reason.
+    are listed as skipped with the reason. A sharded build runs with --nproc (its shard count): its backends
+    step in lockstep on every rank, with the bytes each step moves against the model (``umc.bench.sharded``).
     """
     started = time.time()
     batches = _int_list(batch_text, "--batch", 1)
+    if nproc > 1 or launched_rank() is not None:
+        _bench_ranks(source, backends, batches, reps, warmup, nproc, timeout)
+        return
     pasts = None if past_text is None else _int_list(past_text, "--past", 0)
     if layer_only and pasts is not None:
         raise click.BadParameter("does not apply to --layer-only (one memory layer has no past)", param_hint="--past")
@@ -266,6 +273,23 @@ def bench_command(source, backends, batch_text, past_text, layer_only, layer_con
     except BenchInputError as exc:
         _fail(str(exc))
     _report(plan, measured, machine, reps, warmup, started, json_out, plot_out)
+
+
+def _bench_ranks(source: Path, backends: str | None, batches: list[int], reps: int, warmup: int, nproc: int,
+                 timeout: float) -> None:
+    """``--nproc``: launch the ranks (or, in one, bench the sharded build on it)."""
+    from umc.runtime import read_build
+    from umc.runtime.backends import BACKENDS
+
+    if not source.is_dir():
+        _fail(f"{source}: --nproc benches a sharded build directory (umc compile --shard {nproc}), not a spec")
+    names = [n.strip() for n in (backends or "graph,cpu").split(",") if n.strip()]
+    unshardable = [n for n in names if n not in BACKENDS or not BACKENDS[n].shardable]
+    if unshardable:
+        _fail(f"--backends {unshardable[0]} does not run sharded builds (allowed with --nproc: "
+              f"{', '.join(n for n, c in BACKENDS.items() if c.shardable)})")
+    world = world_for(nproc, timeout, read_build(source))
+    bench_sharded(source, names, batches, reps, warmup, world)
 
 
 @dataclass

@@ -82,12 +82,17 @@ def export(build_dir: str | Path, fmt: str, *, weights: str | Path | Mapping[str
            options: dict[str, Any] | None = None, force: bool = False) -> list[str]:
     """Export the build in ``build_dir`` as ``fmt``; the lines to show the user (what was written, what was not run).
     ExportError/BuildDirError for user problems (unknown format, missing prerequisite, foreign files)."""
+    from umc.report import build_shards
     from umc.runtime.session import read_build
 
     known = formats()
     if fmt not in known:
         raise ExportError(f"unknown export format {fmt!r} (allowed: {', '.join(known)})")
     build = read_build(build_dir)
+    shards = build_shards(build.graphs["decode"])
+    if shards > 1:
+        raise ExportError(f"{build.path} splits its value tables over {shards} ranks (torch.distributed); exports "
+                          "hold whole tables: export a build compiled without --shard")
     if not os.access(build.path, os.W_OK):
         raise BuildDirError(f"{build.path}: the build directory is not writable")
     target = FORMATS[fmt]
