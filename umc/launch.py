@@ -7,8 +7,10 @@ RANK variable, so it runs the command instead of launching again), and waits. Ea
 output to ``rank-K.out``/``rank-K.err`` in a run directory and, when it is done, ``rank-K.json`` with its exit code
 and error; it writes ``rank-K.pid`` once it has joined the process group. The launcher streams rank 0's output
 as it comes and, at the end, exits with the worst rank's code, naming every rank that failed: a rank with no
-result died (killed, crashed); a rank whose collective timed out says so (``--timeout``). torchrun stops the other
-ranks as soon as one exits with an error, so a dead rank never leaves the job hanging beyond the timeout.
+result died (killed, crashed); a rank whose collective timed out says so (``--timeout``), and a rank that never
+answered is named as such. torchrun stops the other ranks as soon as one exits with an error; a rank that does not
+go (a hung or stopped process ignores SIGTERM, and torchrun waits 30 s before SIGKILL) is killed by the launcher
+``STRAGGLER_GRACE_S`` after the first failure. So a dead or hung rank ends the job within the timeout plus seconds.
 
 The run directory is ``UMC_RUN_DIR`` when set (kept), else a temporary directory removed afterwards unless a
 rank failed (then its logs are kept and named).
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ RUN_DIR = "UMC_RUN_DIR"
 TIMEOUT = "UMC_TIMEOUT_S"
 ARGV = "UMC_RANK_ARGV"  # the command line each rank runs (not on torchrun's own, which would parse it)
 DEFAULT_TIMEOUT_S = 120.0
+STRAGGLER_GRACE_S = 2.0  # after a rank failed, how long the others get to finish before the launcher kills them
 SEVERITY = (0, 1, 2, 3)  # exit codes, worst last (anything else counts as 3)
 TORCHRUN_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
@@ -92,13 +96,18 @@ def launch(argv: list[str], nproc: int, timeout: float) -> int:
     with open(run_dir / "torchrun.log", "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         streams = [_Follow(run_dir / "rank-0.out", sys.stdout), _Follow(run_dir / "rank-0.err", sys.stderr)]
+        failed_at = None
         while process.poll() is None:
             for stream in streams:
                 stream.pump()
+            if failed_at is None and _any_failed(run_dir, nproc):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > STRAGGLER_GRACE_S:
+                _kill_unfinished(run_dir, nproc)
             time.sleep(0.05)
         for stream in streams:
             stream.pump()
-    code, lines = outcome(run_dir, nproc, (run_dir / "torchrun.log").read_text(errors="replace"))
+    code, lines = outcome(run_dir, nproc, (run_dir / "torchrun.log").read_text(errors="replace"), timeout)
     for line in lines:
         click.echo(line, err=True)
     if code and not given:
@@ -106,6 +115,30 @@ def launch(argv: list[str], nproc: int, timeout: float) -> int:
     elif not given:
         shutil.rmtree(run_dir, ignore_errors=True)
     return code
+
+
+def _any_failed(run_dir: Path, nproc: int) -> bool:
+    """True once some rank has recorded a non-zero exit."""
+    for rank in range(nproc):
+        path = run_dir / f"rank-{rank}.json"
+        try:
+            if path.exists() and json.loads(path.read_text())["exit"] != 0:
+                return True
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+    return False
+
+
+def _kill_unfinished(run_dir: Path, nproc: int) -> None:
+    """SIGKILL every rank that joined and has not finished: after another rank failed, it is hung or waiting on
+    that rank (torchrun itself gives stopped workers 30 s after SIGTERM)."""
+    for rank in range(nproc):
+        pid_file = run_dir / f"rank-{rank}.pid"
+        if pid_file.exists() and not (run_dir / f"rank-{rank}.json").exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, ValueError):
+                pass
 
 
 class _Follow:
@@ -126,22 +159,28 @@ class _Follow:
             self.stream.flush()
 
 
-def outcome(run_dir: Path, nproc: int, torchrun_log: str) -> tuple[int, list[str]]:
+def outcome(run_dir: Path, nproc: int, torchrun_log: str, timeout: float) -> tuple[int, list[str]]:
     """The job's exit code and what to say about the ranks that failed (rank 0's own messages were shown)."""
     exits = {int(rank): int(code) for rank, code in TORCHRUN_FAILURE.findall(torchrun_log)}
+    results = {rank: json.loads(path.read_text()) for rank in range(nproc)
+               if (path := run_dir / f"rank-{rank}.json").exists()}
+    timed_out = any("Timed out" in r["message"] for r in results.values())
     code, lines = 0, []
     for rank in range(nproc):
-        path = run_dir / f"rank-{rank}.json"
-        if not path.exists():
+        if rank not in results:
             how = exits.get(rank)
-            cause = ("stopped by torchrun after another rank failed" if how == -15 else
-                     f"killed by signal {-how}" if how is not None and how < 0 else
-                     f"exit code {how}" if how is not None else "stopped by the launcher after another rank failed")
             joined = "" if (run_dir / f"rank-{rank}.pid").exists() else " before joining the process group"
-            lines.append(f"error: rank {rank} died without finishing{joined} ({cause})")
+            if timed_out:
+                lines.append(f"error: rank {rank} did not answer within the {timeout:g} s timeout{joined}; "
+                             "the launcher stopped it")
+            else:
+                cause = ("stopped by torchrun after another rank failed" if how == -15 else
+                         f"killed by signal {-how}" if how is not None and how < 0 else
+                         f"exit code {how}" if how is not None else "stopped after another rank failed")
+                lines.append(f"error: rank {rank} died without finishing{joined} ({cause})")
             code = 3
             continue
-        result = json.loads(path.read_text())
+        result = results[rank]
         rank_code = result["exit"] if result["exit"] in SEVERITY else 3
         if rank_code and rank:
             lines.append(f"error: rank {rank} exited {rank_code}" + (f": {result['message']}" if result["message"] else ""))
