@@ -151,6 +151,28 @@ def test_every_contender_decodes_from_the_same_past_tensors(tiny_spec, tmp_path)
         check_untouched("graph", inputs, before)
 
 
+def test_a_session_is_timed_as_a_decode_loop(tiny_spec, tmp_path):
+    """A session contender's steps continue the state each returned (as generation does), starting from the shared
+    past without writing into it: its first two steps equal two graph-backend decode steps from that past."""
+    from umc.runtime import load
+
+    target = open_model(SPECS / "ultramem-tiny.yaml", tmp_path)
+    model = eager_model(target)
+    contender = model_contender("cpu", target, model, tmp_path)
+    inputs = model_inputs(tiny_spec, 2, 3)
+    before = versions(inputs)
+    step = contender.step(inputs)
+    with torch.no_grad():
+        first, second = step(), step()
+        session = load(target.build_dir, backend="graph", weights=model.state_dict())
+        tokens, state = contender.adapt(inputs)
+        want_first, state = session.decode(tokens, state)
+        want_second, _ = session.decode(tokens, state)
+    check_untouched("cpu", inputs, before)
+    assert (first - want_first).abs().max() <= 1e-5 and (second - want_second).abs().max() <= 1e-5
+    assert (second - first).abs().max() > 1e-3  # the second step did not decode from the shared past again
+
+
 def test_peak_rss_is_measured_in_a_fresh_process(tmp_path):
     target = open_model(SPECS / "ultramem-tiny.yaml", tmp_path)
     peak = measure_peak({"mode": "model", "contender": EAGER, "batch": 2, "past": 4, "build_dir": str(target.build_dir),

@@ -26,7 +26,7 @@ from umc.bench.contenders import (COMPILED, EAGER, LAYER_227M, BenchInputError, 
                                   contender_reasons, eager_layer, eager_model, layer_contender, layer_inputs,
                                   model_contender, model_inputs, open_layer, open_model, versions)
 from umc.bench.limits import StepWork, layer_step, model_step
-from umc.bench.peak import measure_peak, process_peak_rss
+from umc.bench.peak import MEASURED_STEPS, WARMUP_STEPS, measure_peak, process_peak_rss
 from umc.bench.probes import MIB, GemmRate, ReadProbe, machine_info, measure_gemm
 from umc.bench.sharded import bench_sharded
 from umc.bench.report import (limits_text, machine_text, make_rows, matplotlib_missing, peaks_text, plot,
@@ -37,7 +37,8 @@ from umc.launch import launched_rank, nproc_options, world_for
 from umc.resources import format_bytes, require_memory
 
 PROBE = "read-bandwidth probe"
-DEFAULT_PAST = 2000  # the paper's decode setting; clipped to a spec's max_seq_len - 1
+DEFAULT_PAST = 2000  # the paper's decode setting; clipped to leave room for the steps in a spec's max_seq_len
+PEAK_STEPS = WARMUP_STEPS + MEASURED_STEPS
 MIN_REPS = 9  # every median and ratio the bench reports rests on at least this many interleaved runs
 
 
@@ -59,6 +60,12 @@ def _fail(message: str) -> None:
     """A user mistake found by the bench itself: one line on stderr, exit 2 (as ``umc.cli.user_errors`` does)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def calls_per_config(reps: int, warmup: int) -> int:
+    """The most decode calls one contender makes from one past: its first call, the warm-up and timed rounds,
+    and the peak-RSS process's steps (``umc.bench.peak``)."""
+    return max(1 + warmup + reps, PEAK_STEPS) + 1
 
 
 def _int_list(text: str, option: str, minimum: int) -> list[int]:
@@ -102,18 +109,19 @@ class Plan:
 
 
 def _model_plan(path: Path, workdir: Path, batches: list[int], pasts: list[int] | None, probe_bytes: int,
-                threads: int | None, say: Callable[[str], None]) -> Plan:
-    """A whole model (a build directory, or a spec compiled into ``workdir``) at every batch and past."""
+                threads: int | None, say: Callable[[str], None], calls: int) -> Plan:
+    """A whole model (a build directory, or a spec compiled into ``workdir``) at every batch and past, each
+    contender called ``calls`` times per configuration."""
     if not path.is_dir():
         say(f"compiling {path} into a temporary build")
     target = open_model(path, workdir)
     spec = target.spec
-    limit = spec.model.max_seq_len - 1
+    limit = spec.model.max_seq_len - calls  # a session's decode loop adds one position per call
     if pasts is None:
         pasts = sorted({0, min(DEFAULT_PAST, limit)})
     elif pasts[-1] > limit:
-        raise click.BadParameter(f"{pasts[-1]} leaves no room to decode: {spec.name}'s max_seq_len is "
-                                 f"{spec.model.max_seq_len} (allowed: 0..{limit})", param_hint="--past")
+        raise click.BadParameter(f"{pasts[-1]} leaves no room for {calls} decode steps: {spec.name}'s max_seq_len "
+                                 f"is {spec.model.max_seq_len} (allowed: 0..{limit})", param_hint="--past")
     needs = memory_needs(spec, batch=batches[-1], seq_len=pasts[-1] + 1)
     parts = {"weights": needs.weight_bytes, "past KV cache and one step's copy": 2 * needs.kv_cache_bytes,
              "decode working set": needs.decode_bytes, "bandwidth probe": probe_bytes}
@@ -215,8 +223,8 @@ def _time_all(plan: Plan, contenders: list[Contender], probe: ReadProbe, reps: i
               help="Comma-separated contenders (default: all): eager, torch-compile and the registered backends.")
 @click.option("--batch", "batch_text", default="1,8,64", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--past", "past_text", default=None,
-              help="Past lengths (KV cache) to decode after, comma-separated (default: 0 and 2000, or max_seq_len-1 "
-                   "when smaller). Not with --layer-only.")
+              help="Past lengths (KV cache) to decode after, comma-separated (default: 0 and 2000, or as much as "
+                   "max_seq_len leaves room for the bench's steps). Not with --layer-only.")
 @click.option("--layer-only", is_flag=True, help="Bench one memory layer instead of the whole model.")
 @click.option("--layer-config", default=LAYER_227M, show_default=True,
               help="With --layer-only: 227m (the released config, seeded float32 tensors), spec (the argument's first "
@@ -268,7 +276,8 @@ def bench_command(source, backends, batch_text, past_text, layer_only, layer_con
         with tempfile.TemporaryDirectory(prefix="umc-bench-") as tmp:
             probe_bytes = probe_mib * MIB
             plan = _layer_plan(source, layer_config, batches, names, probe_bytes, threads, say) if layer_only else \
-                _model_plan(source, Path(tmp), batches, pasts, probe_bytes, threads, say)
+                _model_plan(source, Path(tmp), batches, pasts, probe_bytes, threads, say,
+                            calls_per_config(reps, warmup))
             measured = _measure(plan, names, reasons, reps, warmup, probe_bytes, gemm_size, peak_memory, say)
     except BenchInputError as exc:
         _fail(str(exc))

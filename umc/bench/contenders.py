@@ -8,8 +8,12 @@ is copied, so every contender decodes from an identical past, and one that wrote
 
 The past is seeded random data, not a prefilled prompt: a decode step's work does not depend on the values
 in its KV cache, and prefilling 2000 tokens at batch 64 through the eager model would take longer than the
-bench. Every call decodes the same step from that past again (decode returns a new state; the given past
-stays as it was), so repeated calls time the same work.
+bench. The eager model and ``torch.compile`` of it decode the same step from that past on every call (their
+decode concatenates onto the past each step, in a loop or not). A session is timed as a generation loop runs
+it (``Contender.loop``): each call continues the state the previous call returned, so a backend that appends to
+its KV cache in place (``cpu``) is not charged a copy of the whole past per step; the first call takes the shared
+past (copying it, for ``cpu``) and never writes into it. The past grows by one position per call, a few dozen at
+most over a bench (``calls_per_config``), and stays within max_seq_len.
 
 Whole-model contenders load the build through ``umc.runtime.load`` with the eager model's state dict (the
 weights are held once); ``onnxruntime`` needs the build exported (``onnx_build``). One memory layer
@@ -73,11 +77,20 @@ class Contender:
     name: str
     call: Callable[..., Any]
     adapt: Callable[[tuple], tuple] = lambda inputs: inputs
+    loop: bool = False  # call(tokens, state) -> (logits, state): each step continues the state the last one returned
 
     def step(self, inputs: tuple) -> Step:
         """A zero-argument call of this contender on ``inputs`` (adapted once, outside the timed call)."""
         args = self.adapt(inputs)
-        return lambda: self.call(*args)
+        if not self.loop:
+            return lambda: self.call(*args)
+        tokens, latest = args[0], [args[1]]
+
+        def next_step():
+            logits, latest[0] = self.call(tokens, latest[0])
+            return logits
+
+        return next_step
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -190,7 +203,7 @@ def model_contender(name: str, target: ModelTarget, model: torch.nn.Module, work
         return Contender(name, torch.compile(model))
     build_dir = onnx_build(target, workdir) if name == "onnxruntime" else target.build_dir
     session = load(build_dir, backend=name, weights=model.state_dict(), threads=threads)
-    return Contender(name, session.decode, _session_state(session.graphs["decode"]))
+    return Contender(name, session.decode, _session_state(session.graphs["decode"]), loop=True)
 
 
 # ---------------------------------------------------------------- one memory layer
