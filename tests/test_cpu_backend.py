@@ -12,7 +12,7 @@ from umc.compiler import compile as compile_spec
 from umc.reference import build_model
 from umc.runtime import load
 from umc.runtime.backends.cpu import FastOps, KVCache
-from umc.runtime.backends.cpu_kernels import kernel, linear_bf16
+from umc.runtime.backends.cpu_kernels import kernel, linear_small
 from umc.runtime.torch_ops import TORCH_IMPLS
 from umc.spec import load_spec
 from umc.verify import verify_build
@@ -121,17 +121,29 @@ def test_cpu_backend_verifies_against_eager(tiny):
     assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
 
 
-@pytest.mark.parametrize("rows,width", [(1, 768), (3, 37), (8, 16), (2, 15)])
-def test_bfloat16_kernel_equals_a_float32_product(rows, width):
-    """The C++ kernel (built on this machine: AVX2/FMA are there) against float32 F.linear of the same bfloat16
-    values, widths that are and are not multiples of its 16-wide step; rounded once to bfloat16."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(1, 768), (3, 37), (8, 16), (2, 15), (5, 7), (6, 8), (7, 100), (4, 64)])
+def test_small_row_kernel_equals_a_float32_product(rows, width, dtype):
+    """The C++ kernel (built on this machine: AVX2/FMA are there) against float32 F.linear of the same values, for
+    every row count 1-8 and widths that are and are not multiples of its 8-wide step; rounded once to x's dtype."""
     gemv, why = kernel()
     assert gemv is not None, why
     gen = torch.Generator().manual_seed(rows * width)
-    x = torch.randn(1, rows, width, generator=gen).bfloat16()
-    w = torch.randn(33, width, generator=gen).bfloat16()
+    x = torch.randn(1, rows, width, generator=gen).to(dtype)
+    w = torch.randn(33, width, generator=gen).to(dtype)
     want = torch.nn.functional.linear(x.float(), w.float())
-    got = linear_bf16(x, w)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, 33)
-    assert (got.float() - want).abs().max() <= 2 ** -8 * want.abs().max()
+    got = linear_small(x, w)
+    assert got.dtype == dtype and got.shape == (1, rows, 33)
+    rounding = 2 ** -8 if dtype == torch.bfloat16 else 1e-6
+    assert (got.float() - want).abs().max() <= rounding * want.abs().max()
     assert (gemv(x[0].float(), w) - want[0]).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_small_row_kernel_refuses_what_it_cannot_compute():
+    """More than 8 rows, a float16 weight or mismatched widths are errors, not wrong numbers."""
+    gemv, why = kernel()
+    assert gemv is not None, why
+    for x, w in ((torch.randn(9, 8), torch.randn(4, 8)), (torch.randn(2, 8), torch.randn(4, 8).half()),
+                 (torch.randn(2, 8), torch.randn(4, 9))):
+        with pytest.raises(RuntimeError):
+            gemv(x, w)

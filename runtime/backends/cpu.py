@@ -10,7 +10,8 @@ What it changes, op by op (everything else runs its torch implementation, as in 
   twice (branching) is copied on the second continuation, so no returned state is ever changed.
 - ``linear``: ``F.linear`` (no transposed view). For bfloat16/float16 activations at batch x steps above
   ``MAX_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once;
-  bfloat16 with 2..8 rows through a C++ kernel that reads the weights as bfloat16 (``cpu_kernels``).
+  float32 with 2..8 rows and bfloat16 with 3..8 rows through a C++ kernel that reads each weight once for all rows
+  (``cpu_kernels``).
 - ``rms_norm``: ``F.rms_norm``.
 - ``lookup_pool``: one ``embedding_bag`` (gather, per-core scale and block sum fused, no temporaries).
 - ``grid_topm``: with many tokens, the winners' rank scores from one GEMM over every key, then gathered.
@@ -29,14 +30,15 @@ import torch.nn.functional as F
 
 from umc.ir.core import Graph
 from umc.runtime.backends import register_backend
-from umc.runtime.backends.cpu_kernels import MAX_ROWS, kernel, linear_bf16
+from umc.runtime.backends.cpu_kernels import MAX_ROWS, kernel, linear_small
 from umc.runtime.backends.graph import GraphBackend
 from umc.runtime.torch_ops import TORCH_IMPLS, top_of_grid
 
 MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
-# one row: PyTorch's own bfloat16 GEMV measured faster here (227M decode, batch 1: 81.5 ms against 101.6 ms with the
-# kernel); 2-8 rows: the kernel (batch 8: 239.5 ms against 289.0 ms)
-MIN_KERNEL_ROWS = 2
+# the fewest activation rows the C++ kernel takes, per dtype; float16 never. Measured on a 50304 x 768 weight (GB/s
+# read, PyTorch against the kernel): float32 1 row 10.8/11.0, 2 rows 4.3/9.7, 8 rows 2.4/5.1; bfloat16 1 row
+# 14.6/10.1, 2 rows 8.4/6.1, 3 rows 5.1/6.7, 8 rows 2.4/3.4
+MIN_KERNEL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 DENSE_SCORING_RATIO = 4  # grid_topm scores every key when tokens * m * this >= the keys per side
 
 
@@ -145,13 +147,13 @@ class FastOps:
 
     @staticmethod
     def linear(attrs, x, w):
-        """x @ w.T; low-precision inputs with many rows in float32, rounded once; bfloat16 with 2..8 rows through
-        the C++ kernel (``cpu_kernels``) where it could be built."""
+        """x @ w.T; low-precision inputs with many rows in float32, rounded once; a few rows (``MIN_KERNEL_ROWS`` to
+        ``MAX_ROWS``) of float32 or bfloat16 through the C++ kernel (``cpu_kernels``) where it could be built."""
         rows = x.numel() // x.shape[-1]
         if x.dtype in (torch.bfloat16, torch.float16) and rows > MAX_ROWS:
             return (F.linear(x.float(), w.float()).to(x.dtype),)
-        if x.dtype == torch.bfloat16 and MIN_KERNEL_ROWS <= rows <= MAX_ROWS and kernel()[0] is not None:
-            return (linear_bf16(x, w),)
+        if MIN_KERNEL_ROWS.get(x.dtype, MAX_ROWS + 1) <= rows <= MAX_ROWS and kernel()[0] is not None:
+            return (linear_small(x, w),)
         return (F.linear(x, w),)
 
     @staticmethod
