@@ -4,7 +4,7 @@ counted, since gloo keeps no byte counters), and the two distributed implementat
 Every rank runs the whole graph on its own tokens (data parallel; dense weights replicated) and holds one piece
 of each value table: a range of rows (number-wise) or of columns (dimension-wise), as ``umc.sharding`` assigns
 and describes. Only the lookup talks to other ranks; all ranks must run the same steps in the same order (each
-lookup is a collective), with any number of tokens each, zero included.
+lookup is a collective), each with its own number of sequences (tested with batch sizes that differ by rank).
 """
 
 from __future__ import annotations
