@@ -10,6 +10,7 @@ lookup is a collective), each with its own number of sequences (tested with batc
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from umc.ir.core import Node
+from umc.runtime.torch_ops import TORCH_IMPLS, column_cores, pool_columns
 from umc.sharding import address_bytes, shard_ranges
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -70,7 +72,7 @@ class World:
     def all_to_all(self, what: str, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         """``send``'s dim-0 pieces to each rank in turn; the pieces each rank sent here, concatenated by rank."""
         received = send.new_empty((sum(recv_splits), *send.shape[1:]))
-        row_bytes = send.element_size() * _row(send)
+        row_bytes = send.element_size() * math.prod(send.shape[1:])
         self.log.add(what, row_bytes * (sum(send_splits) - send_splits[self.rank]))
         self._wait(what, lambda: dist.all_to_all_single(received, send.contiguous(), recv_splits, send_splits,
                                                          group=self.group))
@@ -92,14 +94,6 @@ class World:
                                    f"answer within {self.timeout_s:g} s): {cause}") from None
 
 
-def _row(tensor: torch.Tensor) -> int:
-    """Elements per dim-0 row of a tensor that may have no rows."""
-    count = 1
-    for size in tensor.shape[1:]:
-        count *= size
-    return count
-
-
 def shard_of(node: Node, rank: int) -> tuple[int, int, int]:
     """(axis, start, stop): the rows (axis 0, number-wise) or columns (axis 1) of ``node``'s table rank holds."""
     table = node.inputs[0].type
@@ -114,26 +108,15 @@ def table_slices(graphs, rank: int) -> dict[str, tuple[int, int, int]]:
             if node.op == "sharded_lookup_pool"}
 
 
-def pool_columns(values: torch.Tensor, column_core: torch.Tensor, scores: torch.Tensor, block: torch.Tensor,
-                 blocks: int) -> torch.Tensor:
-    """Value columns (n,H,m,c) scaled by the score of the core each column belongs to (scores (n,H,m,h),
-    ``column_core`` (c,)) and summed into their blocks (block (n,H,m)) -> (n,E,c): gather_pool's arithmetic
-    on any set of columns."""
-    n, c = values.shape[0], values.shape[-1]
-    weighted = (values * scores.index_select(-1, column_core)).reshape(n, -1, c)
-    pooled = values.new_zeros(n, blocks, c)
-    pooled.scatter_add_(1, block.reshape(n, -1, 1).expand(-1, -1, c), weighted)
-    return pooled
-
-
-def _split_addresses(attrs, address, perm):
-    """The rows and blocks (n,H,m) of the virtual addresses (through the shuffle when there is one)."""
+def _addresses(attrs, address, perm):
+    """The virtual addresses (n,H,m) (through the shuffle when there is one), their rows and blocks."""
     virtual = (address if perm is None else perm[address]).reshape(-1, *address.shape[2:])
-    return virtual % attrs["N"], torch.div(virtual, attrs["N"], rounding_mode="floor")
+    return (virtual, *TORCH_IMPLS["ive_split"](attrs, virtual))
 
 
-def _column_core(vdim: int, cores: int, start: int, stop: int, device) -> torch.Tensor:
-    return torch.arange(start, stop, device=device) // (vdim // cores)
+def _wire(node: Node) -> torch.dtype:
+    """The dtype addresses travel in: int32 while every virtual row index fits (``umc.sharding.address_bytes``)."""
+    return torch.int32 if address_bytes(node.attr("N") * node.attr("E")) == 4 else torch.int64
 
 
 def number_wise(world: World, node: Node) -> Callable:
@@ -141,11 +124,11 @@ def number_wise(world: World, node: Node) -> Callable:
     _, start, _ = shard_of(node, world.rank)
     table_type = node.inputs[0].type
     starts = torch.tensor([s for s, _ in shard_ranges(table_type.shape[0], world.size)[1:]])
-    wire = torch.int32 if address_bytes(node.attr("N") * node.attr("E")) == 4 else torch.int64
+    wire = _wire(node)
 
     def lookup(attrs, table, address, scores, perm=None):
         batch, steps = address.shape[:2]
-        row, block = _split_addresses(attrs, address, perm)
+        _, row, block = _addresses(attrs, address, perm)
         flat = row.reshape(-1)
         owner = torch.bucketize(flat, starts, right=True)
         order = torch.argsort(owner, stable=True)
@@ -157,7 +140,7 @@ def number_wise(world: World, node: Node) -> Callable:
         values = torch.empty_like(rows)
         values[order] = rows
         vdim, cores = table_type.shape[1], scores.shape[-1]
-        pooled = pool_columns(values.view(*row.shape, vdim), _column_core(vdim, cores, 0, vdim, table.device),
+        pooled = pool_columns(values.view(*row.shape, vdim), column_cores(vdim, cores, 0, vdim, table.device),
                               scores.reshape(*row.shape, cores), block, attrs["E"])
         return (pooled.reshape(batch, steps, -1),)
 
@@ -169,12 +152,12 @@ def dimension_wise(world: World, node: Node) -> Callable:
     pools its columns for all tokens, and each token's pooled columns go back to its rank."""
     table_type = node.inputs[0].type
     columns = shard_ranges(table_type.shape[1], world.size)
-    wire = torch.int32 if address_bytes(node.attr("N") * node.attr("E")) == 4 else torch.int64
+    wire = _wire(node)
 
     def lookup(attrs, table, address, scores, perm=None):
         batch, steps, heads, m = address.shape
         tokens, cores, blocks = batch * steps, scores.shape[-1], attrs["E"]
-        virtual = (address if perm is None else perm[address]).reshape(tokens, heads, m)
+        virtual, _, _ = _addresses(attrs, address, perm)
         counts = world.all_gather("counts (all_gather)", torch.tensor([tokens], dtype=torch.int64))
         sizes = [int(c) for c in counts]
         most = max(sizes)
@@ -186,9 +169,9 @@ def dimension_wise(world: World, node: Node) -> Callable:
         every_scores = world.all_gather("scores (all_gather)", padded_scores)
         virtual_all = torch.cat([part[:n] for part, n in zip(every, sizes)]).long()
         scores_all = torch.cat([part[:n] for part, n in zip(every_scores, sizes)])
-        row, block = virtual_all % attrs["N"], torch.div(virtual_all, attrs["N"], rounding_mode="floor")
+        row, block = TORCH_IMPLS["ive_split"](attrs, virtual_all)
         start, stop = columns[world.rank]
-        own = pool_columns(table[row], _column_core(table_type.shape[1], cores, start, stop, table.device),
+        own = pool_columns(table[row], column_cores(table_type.shape[1], cores, start, stop, table.device),
                            scores_all, block, blocks)  # (all tokens, E, own columns)
         width = stop - start
         back = world.all_to_all("pooled (all_to_all)", own.reshape(-1), [n * blocks * width for n in sizes],

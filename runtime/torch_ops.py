@@ -325,15 +325,31 @@ def _norm_conv_query_proj(attrs, x, scale, conv, bias, wq, state=None):
     return _conv_query_proj(attrs, _rms_norm(attrs, x, scale)[0], conv, bias, wq, state)
 
 
+def column_cores(vdim: int, cores: int, start: int, stop: int, device=None) -> torch.Tensor:
+    """The scoring core each value column start..stop-1 belongs to (column slice c of vdim/cores is core c's)."""
+    return torch.div(torch.arange(start, stop, device=device), vdim // cores, rounding_mode="floor")
+
+
+def pool_columns(values: torch.Tensor, column_core: torch.Tensor, scores: torch.Tensor, block: torch.Tensor,
+                 blocks: int) -> torch.Tensor:
+    """Value columns (n,...,c) scaled by the score of the core each column belongs to (scores (n,...,h),
+    ``column_core`` (c,)) and summed into their blocks (block (n,...)) -> (n,E,c): gather_pool's arithmetic on any
+    set of columns (all of them here; a rank's slice when a table is split by columns)."""
+    n, c = values.shape[0], values.shape[-1]
+    weighted = (values * scores.index_select(-1, column_core)).reshape(n, -1, c)
+    pooled = values.new_zeros(n, blocks, c)
+    pooled.scatter_add_(1, block.reshape(n, -1, 1).expand(-1, -1, c), weighted)
+    return pooled
+
+
 @impl("gather_pool")
 def _gather_pool(attrs, table, row, block, scores):
     # written apart from mcs_scale/scatter_blocks (per-column weights, scatter_add) for the same reason
     batch, steps = row.shape[:2]
-    vdim, cores = table.shape[1], scores.shape[-1]
-    weights = scores.repeat_interleave(vdim // cores, dim=-1)  # (B,T,H,m,vdim)
-    weighted = (table[row] * weights).reshape(batch * steps, -1, vdim)
-    pooled = table.new_zeros(batch * steps, attrs["E"], vdim)
-    pooled.scatter_add_(1, block.reshape(batch * steps, -1, 1).expand(-1, -1, vdim), weighted)
+    vdim = table.shape[1]
+    tokens = lambda t: t.reshape(batch * steps, *t.shape[2:])
+    pooled = pool_columns(tokens(table[row]), column_cores(vdim, scores.shape[-1], 0, vdim, table.device),
+                          tokens(scores), tokens(block), attrs["E"])
     return (pooled.reshape(batch, steps, attrs["E"] * vdim),)
 
 # ---------------------------------------------------------------- kernel-sized

@@ -19,15 +19,14 @@ import torch
 import torch.distributed as dist
 
 from umc.bench.timing import summarize
-from umc.passes.partition_memory import lookup_shape
-from umc.report import sharded_lookups
-from umc.sharding import exchange_volume
+from umc.report import sharding_report
 
 
-def predicted_step_bytes(graph, shards: int, batch: int) -> float:
-    """Bytes one decode step moves between ranks (all ranks, all units) by the model, ``batch`` sequences each."""
-    return sum(sum(exchange_volume(n.attr("partition"), lookup_shape(n), shards, batch).values())
-               for n in sharded_lookups(graph))
+def predicted_step_bytes(graph, batch: int) -> float:
+    """Bytes one decode step moves between ranks (all ranks, all units) by the model, ``batch`` sequences each:
+    the sum of ``umc.report.sharding_report``'s per-unit figures."""
+    return sum(sum(unit["decode_step_bytes"][str(batch)].values())
+               for unit in sharding_report(graph, batches=(batch,))["units"])
 
 
 def bench_sharded(source: Path, names: list[str], batches: list[int], reps: int, warmup: int, world) -> None:
@@ -64,4 +63,4 @@ def bench_sharded(source: Path, names: list[str], batches: list[int], reps: int,
             stats = summarize(times[name])
             say(f"{name:<10} {batch:>10} {stats.median * 1e3:>10.2f} "
                 f"{f'{stats.p10 * 1e3:.2f}-{stats.p90 * 1e3:.2f}':>15} {world.size * batch / stats.median:>10.1f} "
-                f"{total.median().item():>12.0f} {predicted_step_bytes(graph, world.size, batch):>12.0f}")
+                f"{total.median().item():>12.0f} {predicted_step_bytes(graph, batch):>12.0f}")
