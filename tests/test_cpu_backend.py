@@ -2,9 +2,11 @@
 sampler, its decomposition); the in-place KV cache never changes a state it handed out; whole builds against the
 graph backend and the eager model."""
 
+import numpy as np
 import pytest
 import torch
 
+import op_samples
 from conftest import SPECS
 from op_samples import check_instance
 from test_decompositions import EXAMPLES
@@ -12,14 +14,14 @@ from umc.compiler import compile as compile_spec
 from umc.reference import build_model
 from umc.runtime import load
 from umc.runtime.backends.cpu import FastOps, KVCache
-from umc.runtime.backends.cpu_kernels import kernel, linear_small
+from umc.runtime.backends.cpu_kernels import gather_pool, grid_topm, kernel, linear_small, top_k_rows
 from umc.runtime.torch_ops import TORCH_IMPLS
 from umc.spec import load_spec
 from umc.verify import verify_build
 
 FAST = FastOps()
 OVERRIDDEN = {"attention": FAST.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
-              "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
+              "coarse_topm": FastOps.coarse_topm, "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
 
 
 def _close(got, want, dtype):
@@ -33,12 +35,65 @@ def _close(got, want, dtype):
             assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("op", ["linear", "rms_norm", "lookup_pool", "grid_topm"])
+@pytest.mark.parametrize("op", ["linear", "rms_norm", "coarse_topm", "lookup_pool", "grid_topm"])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_fast_op_equals_its_definition(op, dtype):
-    """Against the op's decomposition (float64 as the yardstick), on the op instances of the example graphs."""
+@pytest.mark.parametrize("batch", [2, 4])
+def test_fast_op_equals_its_definition(op, dtype, batch, monkeypatch):
+    """Against the op's decomposition (float64 as the yardstick), on the op instances of the example graphs: at 2 x 3
+    and 4 x 3 tokens (the C++ paths for a few tokens, and the paths above ``MAX_ROWS``)."""
+    monkeypatch.setitem(op_samples.SIZES, "B", batch)
     for n, (types, attrs) in enumerate(EXAMPLES[op][:4]):
         check_instance(op, types, attrs, lambda inputs: OVERRIDDEN[op](dict(attrs), *inputs), n, dtype)
+
+
+def _stable_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, ties to the lower index, NaN above every number (as torch.topk ranks it):
+    numpy's lexsort (NaN first, then descending score, index order kept), written apart from the C++ selection."""
+    nan = np.isnan(scores)
+    return np.stack([np.lexsort((-np.where(n, 0.0, row), ~n))[:k] for row, n in zip(scores, nan)])
+
+
+@pytest.mark.parametrize("n,k", [(1616, 80), (6400, 80), (100, 7), (13, 13), (9, 1), (50, 49)])
+def test_cpp_top_k_equals_a_stable_sort(n, k):
+    """The C++ selection (a bound from k disjoint sets' maxima, then an exact ranking) against numpy's stable sort:
+    random scores, scores with many exact ties, -0 against +0, a NaN, infinities, n not a multiple of k, k = n."""
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    rows = [torch.randn(n, generator=gen), torch.randint(0, 5, (n,), generator=gen).float(),
+            torch.zeros(n).index_fill_(0, torch.arange(0, n, 2), -0.0)]
+    with_nan = torch.randn(n, generator=gen)
+    with_nan[n // 2] = float("nan")
+    with_inf = torch.randn(n, generator=gen)
+    with_inf[0], with_inf[-1] = float("-inf"), float("inf")
+    scores = torch.stack(rows + [with_nan, with_inf])
+    values, indices = top_k_rows(scores, k)
+    want = _stable_top(scores.numpy(), k)
+    assert np.array_equal(indices.numpy(), want)
+    assert torch.equal(values.nan_to_num(7.0), torch.gather(scores, 1, indices).nan_to_num(7.0))
+
+
+def test_a_wrong_selection_is_caught():
+    """An off-by-one top-k (the best dropped, the (k+1)-th taken) fails the same check the C++ selection passes."""
+    def off_by_one(attrs, q, keys):
+        values, indices = FastOps.coarse_topm({"k": attrs["k"] + 1}, q, keys)
+        return values[..., 1:], indices[..., 1:]
+
+    types, attrs = EXAMPLES["coarse_topm"][0]
+    with pytest.raises(AssertionError):
+        check_instance("coarse_topm", types, attrs, lambda inputs: off_by_one(dict(attrs), *inputs), 0, "f32")
+
+
+def test_cpp_memory_kernels_refuse_addresses_outside_their_tables():
+    """A forged row index or virtual address is an error naming it, never a read outside the tensor."""
+    table, scores = torch.randn(10, 8), torch.randn(1, 1, 1, 2, 2)
+    with pytest.raises(RuntimeError, match="virtual address"):
+        gather_pool(table, torch.tensor([[[[3, 40]]]]), scores, 4)  # 40 >= N * E = 40
+    with pytest.raises(RuntimeError, match="virtual address"):
+        gather_pool(table, torch.tensor([[[[-1, 3]]]]), scores, 4)
+    q, keys, cores = torch.randn(1, 1, 1, 4), torch.randn(1, 5, 4, 2), torch.randn(1, 2, 2, 2)
+    good, bad = torch.tensor([[[[0, 4]]]]), torch.tensor([[[[0, 5]]]])
+    assert grid_topm(q, q, keys, keys, good, good, cores, 5)[0].shape == (1, 1, 1, 2)
+    with pytest.raises(RuntimeError, match="i_col"):
+        grid_topm(q, q, keys, keys, good, bad, cores, 5)
 
 
 ATTENTION_CASES = [(4, 2, 8, 5, 0, False), (4, 2, 8, 1, 6, False), (4, 4, 8, 3, 4, False), (2, 1, 16, 1, 1, False),
@@ -126,8 +181,9 @@ def test_cpu_backend_verifies_against_eager(tiny):
 def test_small_row_kernel_equals_a_float32_product(rows, width, dtype):
     """The C++ kernel (built on this machine: AVX2/FMA are there) against float32 F.linear of the same values, for
     every row count 1-8 and widths that are and are not multiples of its 8-wide step; rounded once to x's dtype."""
-    gemv, why = kernel()
-    assert gemv is not None, why
+    module, why = kernel()
+    assert module is not None, why
+    gemv = module.gemv_small
     gen = torch.Generator().manual_seed(rows * width)
     x = torch.randn(1, rows, width, generator=gen).to(dtype)
     w = torch.randn(33, width, generator=gen).to(dtype)
@@ -141,8 +197,9 @@ def test_small_row_kernel_equals_a_float32_product(rows, width, dtype):
 
 def test_small_row_kernel_refuses_what_it_cannot_compute():
     """More than 8 rows, a float16 weight or mismatched widths are errors, not wrong numbers."""
-    gemv, why = kernel()
-    assert gemv is not None, why
+    module, why = kernel()
+    assert module is not None, why
+    gemv = module.gemv_small
     for x, w in ((torch.randn(9, 8), torch.randn(4, 8)), (torch.randn(2, 8), torch.randn(4, 8).half()),
                  (torch.randn(2, 8), torch.randn(4, 9))):
         with pytest.raises(RuntimeError):

@@ -22,6 +22,7 @@ selection up to the rounding of the fused ops; ``umc verify --backend cpu`` chec
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Mapping
 
@@ -30,16 +31,16 @@ import torch.nn.functional as F
 
 from umc.ir.core import Graph
 from umc.runtime.backends import register_backend
-from umc.runtime.backends.cpu_kernels import MAX_ROWS, kernel, linear_small
+from umc.runtime.backends.cpu_kernels import (MAX_ROWS, coarse_topm_small, gather_pool, grid_topm,
+                                               kernel, linear_small, top_k_rows)
 from umc.runtime.backends.graph import GraphBackend
-from umc.runtime.torch_ops import TORCH_IMPLS, top_of_grid
+from umc.runtime.torch_ops import TORCH_IMPLS
 
 MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
 # the fewest activation rows the C++ kernel takes, per dtype; float16 never. Measured on a 50304 x 768 weight (GB/s
 # read, PyTorch against the kernel): float32 1 row 10.8/11.0, 2 rows 4.3/9.7, 8 rows 2.4/5.1; bfloat16 1 row
 # 14.6/10.1, 2 rows 8.4/6.1, 3 rows 5.1/6.7, 8 rows 2.4/3.4
 MIN_KERNEL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
-DENSE_SCORING_RATIO = 4  # grid_topm scores every key when tokens * m * this >= the keys per side
 
 
 class KVCache:
@@ -99,6 +100,11 @@ class RopeTable:
                      torch.cat([phase.sin(), phase.sin()], -1).to(like.dtype))
             self.tables[key] = found
         return found
+
+
+def _tokens(x: torch.Tensor, trailing: int) -> int:
+    """How many tokens x holds: the product of its dims before the last ``trailing``."""
+    return x.numel() // max(1, math.prod(x.shape[x.dim() - trailing:]))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -162,14 +168,29 @@ class FastOps:
         return (F.rms_norm(x, x.shape[-1:], w, attrs["eps"]),)
 
     @staticmethod
+    def coarse_topm(attrs, q, keys):
+        """Each head's top k keys by score, selected in C++ (a histogram-bounded selection, ties to the lower index);
+        for up to ``MAX_ROWS`` tokens the scores too (all tokens' from one pass over the keys), else by one GEMM."""
+        if kernel()[0] is None:
+            return TORCH_IMPLS["coarse_topm"](attrs, q, keys)
+        if _tokens(q, 2) <= MAX_ROWS:
+            return coarse_topm_small(q, keys, attrs["k"])
+        values, indices = top_k_rows(torch.einsum("...hd,hkd->...hk", q.float(), keys.float()), attrs["k"])
+        return values.to(q.dtype), indices
+
+    @staticmethod
     def lookup_pool(attrs, table, address, scores, perm=None):
-        """Every pick's value row scaled by its core's score and summed into its block by one ``embedding_bag``
-        (fused gather, scale and sum, no temporaries): the table viewed as (N * cores, vdim / cores) rows, one bag
-        per (token, core, block)."""
+        """Every pick's value row scaled by its core's score and summed into its block: for up to ``MAX_ROWS`` tokens
+        in one C++ call (rows read once, prefetched, summed in float32), else by one ``embedding_bag`` (fused gather,
+        scale and sum, no temporaries): the table viewed as (N * cores, vdim / cores) rows, one bag per (token, core,
+        block)."""
+        virtual = address if perm is None else perm[address]
+        if _tokens(address, 2) <= MAX_ROWS and kernel()[0] is not None:
+            return (gather_pool(table, virtual, scores, attrs["E"]),)
         batch, steps, heads, m = address.shape
         cores, vdim, blocks = scores.shape[-1], table.shape[1], attrs["E"]
         tokens, picks = batch * steps, heads * m
-        virtual = (address if perm is None else perm[address]).reshape(tokens, picks)
+        virtual = virtual.reshape(tokens, picks)
         rows, block = virtual % attrs["N"], torch.div(virtual, attrs["N"], rounding_mode="floor")
         core = torch.arange(cores, device=table.device)
         slice_rows = (rows.unsqueeze(-1) * cores + core).reshape(-1)  # (tokens * picks * cores,)
@@ -188,25 +209,11 @@ class FastOps:
 
     @staticmethod
     def grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
-        """As the graph's grid_topm, but with many tokens the winners' rank scores come from one GEMM over every key
-        (then gathered) instead of gathering each winner's (kd x r) key block."""
-        m, n = i_row.shape[-1], attrs["n"]
-        tokens = q_row.numel() // (q_row.shape[-1] * q_row.shape[-2])
-        if tokens * m * DENSE_SCORING_RATIO < n:
+        """The top m of each token's and head's Tucker grid in one C++ call (winners' rank scores, the grid summed over
+        cores, a histogram-bounded selection, each core's score at the winners), else as the graph computes it."""
+        if kernel()[0] is None:
             return TORCH_IMPLS["grid_topm"](attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
-
-        def rank_scores(q, keys, index):
-            heads, keys_n, kd, rank = keys.shape
-            flat = q.float().reshape(tokens, heads, kd).transpose(0, 1)  # (H, tokens, kd)
-            every = torch.bmm(flat, keys.float().permute(0, 2, 1, 3).reshape(heads, kd, keys_n * rank))
-            every = every.view(heads, tokens, keys_n, rank).transpose(0, 1)  # (tokens, H, n, r)
-            chosen = index.reshape(tokens, heads, -1, 1).expand(-1, -1, -1, rank)
-            return torch.gather(every, 2, chosen).reshape(*index.shape, rank)  # (..., H, m, r)
-
-        rows, cols = rank_scores(q_row, keys_row, i_row), rank_scores(q_col, keys_col, i_col)
-        (grid,) = TORCH_IMPLS["tucker_grid"]({}, rows, cols, cores.float())
-        address, scores = top_of_grid(grid, i_row, i_col, n)
-        return address, scores.to(q_row.dtype)
+        return grid_topm(q_row, q_col, keys_row, keys_col, i_row, i_col, cores, attrs["n"])
 
 
 @register_backend
@@ -223,5 +230,5 @@ class CpuBackend(GraphBackend):
     def overrides(self, graph: Graph) -> dict[int, Callable]:
         """Every per-call node whose op has a fast implementation here (and the graph backend's sharded lookups)."""
         table = {"attention": self.fast.attention, "linear": FastOps.linear, "rms_norm": FastOps.rms_norm,
-                 "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
+                 "coarse_topm": FastOps.coarse_topm, "lookup_pool": FastOps.lookup_pool, "grid_topm": FastOps.grid_topm}
         return {**super().overrides(graph), **{i: table[n.op] for i, n in enumerate(graph.nodes) if n.op in table}}
