@@ -116,6 +116,20 @@ def test_fast_attention_equals_the_torch_implementation(heads, kv, hd, steps, pa
     _close(FastOps().attention(attrs, q, k, v, *pasts), TORCH_IMPLS["attention"](attrs, q, k, v, *pasts), dtype)
 
 
+def test_decode_step_never_writes_a_users_past_and_refuses_a_bad_ragged_start():
+    """The one-step C++ attention copies a past it did not make before appending (the caller's tensors unchanged);
+    a sequence whose past would start before position 0 is an error, not a read before the buffer."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 1, 16, generator=gen), torch.randn(2, 1, 8, generator=gen), torch.randn(2, 1, 8, generator=gen)
+    past = [torch.randn(2, 1, 4, 8, generator=gen) for _ in range(2)]
+    kept = [p.clone() for p in past]
+    attrs = {"n_heads": 2, "n_kv_heads": 1, "head_dim": 8, "rope_theta": 10000.0}
+    _close(FastOps().attention(attrs, q, k, v, *past), TORCH_IMPLS["attention"](attrs, q, k, v, *past), torch.float32)
+    assert all(torch.equal(p, c) for p, c in zip(past, kept))
+    with pytest.raises(RuntimeError, match="first position"):
+        FastOps().attention(attrs, q, k, v, *past, torch.tensor([4, 5]))
+
+
 def test_a_wrong_fast_op_is_caught():
     wrong = lambda attrs, x, w: (torch.nn.functional.rms_norm(x, x.shape[-1:], w, attrs["eps"] * 1e4),)
     types, attrs = EXAMPLES["rms_norm"][0]

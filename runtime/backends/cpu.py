@@ -10,14 +10,20 @@ What it changes, op by op (everything else runs its torch implementation, as in 
   twice (branching) is copied on the second continuation, so no returned state is ever changed.
 - ``linear``: ``F.linear`` (no transposed view). For bfloat16/float16 activations at batch x steps above
   ``MAX_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once;
-  float32 with 2..8 rows and bfloat16 with 3..8 rows through a C++ kernel that reads each weight once for all rows
+  float32 and bfloat16 with 1..8 rows through a C++ kernel that reads each weight once for all rows
   (``cpu_kernels``).
 - ``rms_norm``: ``F.rms_norm``.
-- ``lookup_pool``: one ``embedding_bag`` (gather, per-core scale and block sum fused, no temporaries).
-- ``grid_topm``: with many tokens, the winners' rank scores from one GEMM over every key, then gathered.
+- ``coarse_topm``: each head's top k in C++ (a bound from disjoint sets' maxima, then an exact ranking, ties to the
+  lower index); with up to 8 tokens the scores too, all tokens' from one pass over the keys.
+- ``grid_topm``: per token and head in one C++ call: the winners' rank scores, the grid summed over cores, its top m,
+  each core's score at the winners only.
+- ``lookup_pool``: up to 8 tokens in C++ (rows prefetched, summed in float32); more by one ``embedding_bag``
+  (gather, per-core scale and block sum fused, no temporaries).
 
-Selections are computed as in ``graph`` (same top-k over the same float32 scores), so the two agree on every
-selection up to the rounding of the fused ops; ``umc verify --backend cpu`` checks it against the eager model.
+The C++ kernels are compiled once per machine (``cpu_kernels``); without them (no compiler, no AVX2/FMA) every op
+above falls back to PyTorch. Selections rank the same float32 scores as ``graph`` does up to the rounding of the
+fused sums, so the two agree on every selection but near-ties; ``umc verify --backend cpu`` checks it tie-aware
+against the eager model.
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ from umc.runtime.backends.graph import GraphBackend
 from umc.runtime.torch_ops import TORCH_IMPLS
 
 MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
-# the fewest activation rows the C++ kernel takes, per dtype; float16 never. Measured on a 50304 x 768 weight (GB/s
-# read, PyTorch against the kernel): float32 1 row 10.8/11.0, 2 rows 4.3/9.7, 8 rows 2.4/5.1; bfloat16 1 row
-# 14.6/10.1, 2 rows 8.4/6.1, 3 rows 5.1/6.7, 8 rows 2.4/3.4
-MIN_KERNEL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
+# weights the C++ product takes (float16 never): it beats PyTorch's at 1 to MAX_ROWS rows. Measured on a 50304 x 768
+# weight, GB/s read, PyTorch against the kernel: float32 1 row 7.0-7.6/10.7-13.6, 2 rows 3.2/11.6, 8 rows 2.1/7.9;
+# bfloat16 1 row 8.5-10.5/10.3-12.5, 2 rows 6.2/11.2, 8 rows 1.9/6.7
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+NO_RAGGED = torch.empty(0, dtype=torch.long)  # decode_attention's "every sequence's past starts at position 0"
 
 
 class KVCache:
@@ -63,8 +70,9 @@ class KVCache:
             return None
         return base
 
-    def append(self, past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        """past (B, kv, S, hd) or None, new (B, kv, T, hd) -> a view (B, kv, S+T, hd) of a buffer holding both."""
+    def reserve(self, past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        """A buffer (B, kv, capacity, hd) holding past (B, kv, S, hd) in its first S positions with room for new's T
+        positions after them: past's own buffer when it may be extended in place, else a fresh one with past copied."""
         start = 0 if past is None else past.shape[2]
         end = start + new.shape[2]
         buffer = self._extendable(past, end)
@@ -74,9 +82,19 @@ class KVCache:
             if start:
                 buffer[:, :, :start].copy_(past)
             self.owned = {k: e for k, e in self.owned.items() if e[0]() is not None}
-        buffer[:, :, start:end].copy_(new)
+        return buffer
+
+    def hand_out(self, buffer: torch.Tensor, end: int) -> torch.Tensor:
+        """The view of buffer's first ``end`` positions, remembered as its latest state (the one extended in place)."""
         self.owned[id(buffer)] = (weakref.ref(buffer), end)
         return buffer[:, :, :end]
+
+    def append(self, past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        """past (B, kv, S, hd) or None, new (B, kv, T, hd) -> a view (B, kv, S+T, hd) of a buffer holding both."""
+        start = 0 if past is None else past.shape[2]
+        buffer = self.reserve(past, new)
+        buffer[:, :, start:start + new.shape[2]].copy_(new)
+        return self.hand_out(buffer, start + new.shape[2])
 
 
 class RopeTable:
@@ -125,6 +143,8 @@ class FastOps:
         heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
         batch, steps = q.shape[:2]
         start = 0 if past_k is None else past_k.shape[2]
+        if steps == 1 and q.dtype in KERNEL_DTYPES and q.device.type == "cpu" and kernel()[0] is not None:
+            return self.decode_step(attrs, q, k, v, past_k, past_v, past_len)
         if past_len is None:
             cos, sin = self.rope.get(hd, attrs["rope_theta"], start + steps, q)
             cos, sin = cos[start:start + steps], sin[start:start + steps]
@@ -151,14 +171,33 @@ class FastOps:
                                              enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(batch, steps, heads * hd), keys, values
 
+    def decode_step(self, attrs, q, k, v, past_k=None, past_v=None, past_len=None):
+        """One step of every sequence in one C++ call (``decode_attention``): RoPE in float32, the new key and value
+        written into the cache buffer in place, softmax and the weighted sum of values accumulated in float32."""
+        heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
+        batch = q.shape[0]
+        start = 0 if past_k is None else past_k.shape[2]
+        wide = q.new_empty(0, dtype=torch.float32)
+        if past_len is None:
+            cos, sin = (t[start].expand(batch, hd) for t in self.rope.get(hd, attrs["rope_theta"], start + 1, wide))
+            first = NO_RAGGED
+        else:
+            cos, sin = (t[past_len] for t in self.rope.get(hd, attrs["rope_theta"], start + 1, wide))
+            first = start - past_len
+        template = k.view(batch, 1, kv_heads, hd).transpose(1, 2)
+        keys, values = self.cache.reserve(past_k, template), self.cache.reserve(past_v, template)
+        out = kernel()[0].decode_attention(q.reshape(batch, -1), k.reshape(batch, -1), v.reshape(batch, -1), keys,
+                                           values, start, cos, sin, first)
+        return out.view(batch, 1, heads * hd), self.cache.hand_out(keys, start + 1), self.cache.hand_out(values, start + 1)
+
     @staticmethod
     def linear(attrs, x, w):
-        """x @ w.T; low-precision inputs with many rows in float32, rounded once; a few rows (``MIN_KERNEL_ROWS`` to
-        ``MAX_ROWS``) of float32 or bfloat16 through the C++ kernel (``cpu_kernels``) where it could be built."""
+        """x @ w.T; low-precision inputs with many rows in float32, rounded once; up to ``MAX_ROWS`` rows of float32 or
+        bfloat16 through the C++ kernel (``cpu_kernels``) where it could be built."""
         rows = x.numel() // x.shape[-1]
         if x.dtype in (torch.bfloat16, torch.float16) and rows > MAX_ROWS:
             return (F.linear(x.float(), w.float()).to(x.dtype),)
-        if MIN_KERNEL_ROWS.get(x.dtype, MAX_ROWS + 1) <= rows <= MAX_ROWS and kernel()[0] is not None:
+        if x.dtype in KERNEL_DTYPES and rows <= MAX_ROWS and kernel()[0] is not None:
             return (linear_small(x, w),)
         return (F.linear(x, w),)
 
@@ -224,8 +263,11 @@ class CpuBackend(GraphBackend):
 
     def __init__(self, graphs: Mapping[str, Graph], weights: Mapping[str, torch.Tensor], threads: bool = True,
                  artifacts=None, world=None):
+        # skip-layer branches run in sequence whatever ``threads`` says: every op here already splits its work over
+        # all intra-op (OpenMP) threads, and a branch on a worker thread starts a second OpenMP team that
+        # oversubscribes the cores (227M fp32 decode at batch 1 on 2 cores: 249 ms with a branch thread, 126 without)
         self.fast = FastOps()
-        super().__init__(graphs, weights, threads, artifacts, world)
+        super().__init__(graphs, weights, False, artifacts, world)
 
     def overrides(self, graph: Graph) -> dict[int, Callable]:
         """Every per-call node whose op has a fast implementation here (and the graph backend's sharded lookups)."""

@@ -1,14 +1,16 @@
-"""A C++ kernel for the "cpu" backend: matrix products of 1 to 8 activation rows that read the weights near memory
-speed, for float32 and bfloat16 weights.
+"""C++ kernels for the "cpu" backend: matrix products of 1 to 8 activation rows that read the weights near memory
+speed (float32 and bfloat16 weights), and the memory layer's selection and pooling in one call per op.
 
-PyTorch's CPU GEMM at 2-8 rows runs far below memory bandwidth on this project's machines (AMD, AVX2 only:
-1.4-2.5 GB/s for float32 against 9+ GB/s at one row), and its bfloat16 GEMV, without bfloat16 arithmetic,
-slower still; a decode step of a batch of a few sequences is exactly that product. The kernel loads each weight
-vector once for all rows (register-blocked: one float32 accumulator vector per row), widens bfloat16 weights to
-float32 in registers (a 16-bit shift) and accumulates in float32 with FMA, the weight rows split across
-PyTorch's intra-op threads. It is compiled once per machine with PyTorch's own
-extension builder on first use (cached in ``TORCH_EXTENSIONS_DIR``); where that fails or the CPU lacks AVX2/FMA,
-``kernel()`` says why and the backend keeps PyTorch's own product.
+PyTorch's CPU GEMM at 1-8 rows runs below memory bandwidth on this project's machines (AMD, AVX2 only), and its
+bfloat16 GEMV, without bfloat16 arithmetic, slower still; a decode step of a batch of a few sequences is exactly
+that product. ``gemv_small`` loads each weight vector once for all rows (register-blocked: one float32 accumulator
+vector per row), widens bfloat16 weights to float32 in registers (a 16-bit shift) and accumulates in float32 with
+FMA. The memory layer's ops (``coarse_topm_small``, ``top_k_rows``, ``grid_topm``, ``gather_pool``) replace a dozen
+PyTorch calls each, whose per-call cost dominates a decode step of one memory layer; every index read from an input
+is bounds-checked (an error, never a read outside a tensor). Work is split across PyTorch's intra-op threads
+(OpenMP: the extension is built with it, or ``at::parallel_for`` would run on one thread). Compiled once per
+machine with PyTorch's own extension builder on first use (cached in ``TORCH_EXTENSIONS_DIR``); where that fails or
+the CPU lacks AVX2/FMA, ``kernel()`` says why and the backend keeps PyTorch's implementations.
 """
 
 from __future__ import annotations
@@ -90,14 +92,25 @@ static torch::Tensor gemv(torch::Tensor x, const W* wp, int64_t N) {
   });
   return out;
 }
+// x (..., K) @ w (N, K)^T -> (..., N) in x's dtype, for 1 to 8 rows of x; float32 or bfloat16 x and w, accumulated
+// in float32 and rounded once
 torch::Tensor gemv_small(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv_small: shapes");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat, "gemv_small: x must be float32");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv_small: 1 to 8 rows");
-  x = x.contiguous(); w = w.contiguous();
-  if (w.scalar_type() == torch::kFloat) return gemv<float>(x, w.data_ptr<float>(), w.size(0));
-  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "gemv_small: w must be float32 or bfloat16");
-  return gemv<uint16_t>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(0));
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "gemv_small: x (..., K) and w (N, K)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+              "gemv_small: x must be float32 or bfloat16");
+  auto rows = x.reshape({-1, x.size(-1)}).to(torch::kFloat).contiguous();
+  TORCH_CHECK(rows.size(0) >= 1 && rows.size(0) <= 8, "gemv_small: 1 to 8 rows");
+  w = w.contiguous();
+  torch::Tensor out;
+  if (w.scalar_type() == torch::kFloat) {
+    out = gemv<float>(rows, w.data_ptr<float>(), w.size(0));
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "gemv_small: w must be float32 or bfloat16");
+    out = gemv<uint16_t>(rows, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(0));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = w.size(0);
+  return out.to(x.scalar_type()).reshape(shape);
 }
 
 // ---- the memory layer's selection and pooling for a few tokens: one call per op instead of a dozen torch ops
@@ -341,6 +354,93 @@ torch::Tensor gather_pool(torch::Tensor table, torch::Tensor virt, torch::Tensor
   return pool<uint16_t>(reinterpret_cast<const uint16_t*>(table.data_ptr<at::BFloat16>()), virt, scores, N,
                         table.size(1), E);
 }
+// ---- one decode step of attention: RoPE, the new key and value written into the cache buffers, causal GQA
+static inline void store(float* p, float v) { *p = v; }
+static inline void store(uint16_t* p, float v) {  // round to nearest even, as torch rounds to bfloat16
+  uint32_t bits; std::memcpy(&bits, &v, 4);
+  *p = (v != v) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+// x rotated by rotate-half RoPE: x * cos + (-x[half:], x[:half]) * sin
+static void rope(const float* x, const float* cos, const float* sin, int64_t hd, float* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; ++i) out[i] = x[i] * cos[i] + (i < half ? -x[i + half] : x[i - half]) * sin[i];
+}
+template <typename W>
+static void attend(const float* q, const float* k, const float* v, W* keys, W* values, int64_t B, int64_t H,
+                   int64_t G, int64_t hd, int64_t capacity, int64_t at, const float* cos, const float* sin,
+                   const int64_t* first, float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {  // the new key and value of each (sequence, kv head)
+    std::vector<float> rotated(hd);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      rope(k + (b * G + g) * hd, cos + b * hd, sin + b * hd, hd, rotated.data());
+      W* key = keys + (bg * capacity + at) * hd;
+      W* value = values + (bg * capacity + at) * hd;
+      for (int64_t i = 0; i < hd; ++i) { store(key + i, rotated[i]); store(value + i, v[(b * G + g) * hd + i]); }
+    }
+  });
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(hd), weight(at + 1), sum(hd);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / (H / G), lo = first ? first[b] : 0;
+      rope(q + bh * hd, cos + b * hd, sin + b * hd, hd, query.data());
+      const W* key = keys + (b * G + g) * capacity * hd;
+      const W* value = values + (b * G + g) * capacity * hd;
+      float most = -INFINITY;
+      for (int64_t j = lo; j <= at; ++j) { weight[j] = dot(query.data(), key + j * hd, hd) * scale; most = std::max(most, weight[j]); }
+      float total = 0.f;
+      for (int64_t j = lo; j <= at; ++j) { weight[j] = std::exp(weight[j] - most); total += weight[j]; }
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (int64_t j = lo; j <= at; ++j) {
+        const W* row = value + j * hd;
+        const float p = weight[j] / total;
+        for (int64_t i = 0; i < hd; ++i) sum[i] += p * widen(row[i]);
+      }
+      std::copy(sum.begin(), sum.end(), out + bh * hd);
+    }
+  });
+}
+// q (B, H * hd), k and v (B, G * hd) of one step; keys and values (B, G, capacity, hd) buffers whose positions
+// before ``at`` hold the past; cos and sin (B, hd) float32 at each sequence's position; first (B) int64 (a ragged
+// batch: each sequence's first valid position) or empty. Writes the rotated key and the value at ``at`` and returns
+// the attention output (B, H * hd) in q's dtype.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor keys,
+                               torch::Tensor values, int64_t at, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor first) {
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
+              keys.scalar_type() == values.scalar_type(), "decode_attention: keys, values (B, G, capacity, hd) buffers");
+  const int64_t B = keys.size(0), G = keys.size(1), capacity = keys.size(2), hd = keys.size(3);
+  TORCH_CHECK(at >= 0 && at < capacity, "decode_attention: position outside the buffer");
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == B && q.size(1) % (G * hd) == 0 && k.sizes() == v.sizes() &&
+              k.dim() == 2 && k.size(0) == B && k.size(1) == G * hd && hd % 2 == 0, "decode_attention: q, k, v shapes");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == B && cos.size(1) == hd &&
+              cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat, "decode_attention: cos, sin (B, hd)");
+  const int64_t H = q.size(1) / hd;
+  const int64_t* lo = nullptr;
+  if (first.numel()) {
+    TORCH_CHECK(first.dim() == 1 && first.size(0) == B && first.scalar_type() == torch::kLong, "decode_attention: first (B)");
+    first = first.contiguous();
+    lo = first.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lo[b] >= 0 && lo[b] <= at, "decode_attention: first position outside [0, at]");
+  }
+  auto qf = q.to(torch::kFloat).contiguous(), kf = k.to(torch::kFloat).contiguous(), vf = v.to(torch::kFloat).contiguous();
+  cos = cos.contiguous(); sin = sin.contiguous();
+  auto out = torch::empty({B, H * hd}, qf.options());
+  if (keys.scalar_type() == torch::kFloat) {
+    attend<float>(qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(), keys.data_ptr<float>(),
+                  values.data_ptr<float>(), B, H, G, hd, capacity, at, cos.data_ptr<float>(), sin.data_ptr<float>(), lo,
+                  out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(keys.scalar_type() == torch::kBFloat16, "decode_attention: buffers must be float32 or bfloat16");
+    attend<uint16_t>(qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
+                     reinterpret_cast<uint16_t*>(keys.data_ptr<at::BFloat16>()),
+                     reinterpret_cast<uint16_t*>(values.data_ptr<at::BFloat16>()), B, H, G, hd, capacity, at,
+                     cos.data_ptr<float>(), sin.data_ptr<float>(), lo, out.data_ptr<float>());
+  }
+  return out.to(q.scalar_type());
+}
+
 """
 
 
@@ -356,7 +456,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-FUNCTIONS = ["gemv_small", "coarse_topm_small", "top_k_rows", "grid_topm", "gather_pool"]
+FUNCTIONS = ["gemv_small", "coarse_topm_small", "top_k_rows", "grid_topm", "gather_pool", "decode_attention"]
 
 
 @functools.cache
@@ -373,7 +473,7 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline(name="umc_cpu_kernels_v13", cpp_sources=SOURCE, functions=FUNCTIONS,
+        module = load_inline(name="umc_cpu_kernels_v15", cpp_sources=SOURCE, functions=FUNCTIONS,
                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - a compiler missing or failing is a reason, not a crash
@@ -382,10 +482,9 @@ def kernel():
 
 
 def linear_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w (N, K) ^T for float32 or bfloat16 weights (x in w's dtype), accumulated in float32 and rounded
-    once to x's dtype, for 1 to MAX_ROWS rows of x (the caller checks)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    return kernel()[0].gemv_small(flat, w).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    """x (..., K) @ w (N, K) ^T for float32 or bfloat16 x and w, accumulated in float32 and rounded once to x's dtype,
+    for 1 to MAX_ROWS rows of x (the caller checks)."""
+    return kernel()[0].gemv_small(x, w)
 
 
 def _tokens(x: torch.Tensor, trailing: int) -> torch.Tensor:
