@@ -47,10 +47,12 @@ MIN_CAPACITY = 64  # positions a fresh KV buffer holds at least
 # weight, GB/s read, PyTorch against the kernel: float32 1 row 7.0-7.6/10.7-13.6, 2 rows 3.2/11.6, 8 rows 2.1/7.9;
 # bfloat16 1 row 8.5-10.5/10.3-12.5, 2 rows 6.2/11.2, 8 rows 1.9/6.7
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-# the most rows computed as (w @ x.T).T: PyTorch's CPU GEMM (MKL on AMD) is faster so at 9 to 128 rows. GFLOP/s,
-# F.linear against the transposed product (output made contiguous): 32 rows x 768 -> 3072 31/67, 3072 -> 768 19/47,
-# 768 -> 50304 20/36; 128 rows 58/72, 90/88, 36/48; 512 rows 65/60, 100/90, 66/54
+# the most rows computed as (w @ x.T).T, TRANSPOSED_CHUNK weight rows at a time: PyTorch's CPU GEMM (MKL on AMD) is
+# faster so at 9 to 128 rows. GFLOP/s, F.linear against the transposed product: 32 rows x 768 -> 3072 31/67,
+# 3072 -> 768 19/47, 768 -> 50304 20/36; 128 rows 58/72, 90/88, 36/48; 512 rows 65/60, 100/90, 66/54. In chunks of
+# 1024 weight rows against the whole product, 768 -> 50304: 16 rows 43/27, 64 rows 79/57, 128 rows 74/63
 TRANSPOSED_MAX_ROWS = 128
+TRANSPOSED_CHUNK = 1024
 NO_RAGGED = torch.empty(0, dtype=torch.long)  # decode_attention's "every sequence's past starts at position 0"
 
 
@@ -198,14 +200,18 @@ class FastOps:
     def linear(attrs, x, w):
         """x @ w.T: up to ``MAX_ROWS`` rows of float32 or bfloat16 through the C++ kernel (``cpu_kernels``) where it
         could be built; low-precision inputs with more rows in float32, rounded once; up to ``TRANSPOSED_MAX_ROWS``
-        rows as (w @ x.T).T, which PyTorch's CPU GEMM computes faster at these shapes."""
+        rows as (w @ x.T).T in chunks of weight rows, which PyTorch's CPU GEMM computes faster at these shapes."""
         rows = x.numel() // x.shape[-1]
         if x.dtype in KERNEL_DTYPES and rows <= MAX_ROWS and kernel()[0] is not None:
             return (linear_small(x, w),)
         low = x.dtype in (torch.bfloat16, torch.float16) and rows > MAX_ROWS
         wide_x, wide_w = (x.float(), w.float()) if low else (x, w)
         if MAX_ROWS < rows <= TRANSPOSED_MAX_ROWS:
-            out = torch.mm(wide_w, wide_x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
+            flat_t = wide_x.reshape(rows, -1).t()
+            out = flat_t.new_empty(rows, w.shape[0])
+            for start in range(0, w.shape[0], TRANSPOSED_CHUNK):
+                out[:, start:start + TRANSPOSED_CHUNK] = torch.mm(wide_w[start:start + TRANSPOSED_CHUNK], flat_t).t()
+            out = out.view(*x.shape[:-1], w.shape[0])
         else:
             out = F.linear(wide_x, wide_w)
         return (out.to(x.dtype) if low else out,)
