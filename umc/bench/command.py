@@ -9,10 +9,12 @@ against eager. Peak RSS is measured per contender in a process of its own (``pea
 from __future__ import annotations
 
 import contextlib
+import os
 import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -34,7 +36,7 @@ from umc.bench.report import (limits_text, machine_text, make_rows, matplotlib_m
 from umc.bench.timing import round_robin, summarize, timed_call
 from umc.cost import memory_needs
 from umc.launch import launched_rank, nproc_options, world_for
-from umc.resources import format_bytes, require_memory
+from umc.resources import available_memory, format_bytes, require_memory
 
 PROBE = "read-bandwidth probe"
 DEFAULT_PAST = 2000  # the paper's decode setting; clipped to leave room for the steps in a spec's max_seq_len
@@ -339,9 +341,14 @@ def _measure(plan: Plan, names: list[str], reasons: dict[str, str | None], reps:
     peaks = {}
     if peak_memory and timings.samples:
         batch, past = plan.configs[-1]
-        for contender in contenders:
-            say(f"measuring the peak RSS of {contender.name} in a fresh process")
-            peaks[contender.name] = measure_peak(plan.peak_request(contender.name, batch, past))
+        # a child holds one contender, this process held all of them: children that together fit in half the free
+        # memory run side by side (one per core), so a small model's peak RSS does not take minutes
+        side_by_side = max(1, min(os.cpu_count() or 1, available_memory() // (2 * process_peak_rss())))
+        say(f"measuring the peak RSS of {', '.join(c.name for c in contenders)}, each in a fresh process "
+            f"({side_by_side} at a time)")
+        with ThreadPoolExecutor(max_workers=side_by_side) as pool:
+            found = pool.map(lambda c: measure_peak(plan.peak_request(c.name, batch, past)), contenders)
+            peaks = {c.name: peak for c, peak in zip(contenders, found)}
     return Measured(timings, gemm, bandwidth, peaks)
 
 
