@@ -103,6 +103,8 @@ def test_cpp_memory_kernels_refuse_addresses_outside_their_tables():
         gather_pool(table, torch.tensor([[[[3, 40]]]]), scores, 4)  # 40 >= N * E = 40
     with pytest.raises(RuntimeError, match="virtual address"):
         gather_pool(table, torch.tensor([[[[-1, 3]]]]), scores, 4)
+    with pytest.raises(RuntimeError, match="on the CPU"):
+        gather_pool(table.to("meta"), torch.tensor([[[[3, 4]]]]), scores, 4)
     q, keys, cores = torch.randn(1, 1, 1, 4), torch.randn(1, 5, 4, 2), torch.randn(1, 2, 2, 2)
     good, bad = torch.tensor([[[[0, 4]]]]), torch.tensor([[[[0, 5]]]])
     assert grid_topm(q, q, keys, keys, good, good, cores, 5)[0].shape == (1, 1, 1, 2)
@@ -224,11 +226,12 @@ def test_small_row_kernel_equals_a_float32_product(rows, width, dtype):
 
 
 def test_small_row_kernel_refuses_what_it_cannot_compute():
-    """More than 8 rows, a float16 weight or mismatched widths are errors, not wrong numbers."""
+    """More than 8 rows, a float16 weight, mismatched widths or a weight not in CPU memory are errors, not wrong
+    numbers (or a read through a pointer that is not the CPU's)."""
     module, why = kernel()
     assert module is not None, why
     gemv = module.gemv_small
     for x, w in ((torch.randn(9, 8), torch.randn(4, 8)), (torch.randn(2, 8), torch.randn(4, 8).half()),
-                 (torch.randn(2, 8), torch.randn(4, 9))):
+                 (torch.randn(2, 8), torch.randn(4, 9)), (torch.randn(2, 8), torch.randn(4, 8, device="meta"))):
         with pytest.raises(RuntimeError):
             gemv(x, w)

@@ -1,5 +1,5 @@
 """The "cpu" backend: the graph backend's prepared program with fast implementations of the ops that dominate a
-decode step on a CPU (and on a CUDA device when one is present).
+decode step on a CPU.
 
 What it changes, op by op (everything else runs its torch implementation, as in ``graph``):
 

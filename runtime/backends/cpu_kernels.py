@@ -44,6 +44,10 @@ static inline float hsum(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_hadd_ps(h, h); h = _mm_hadd_ps(h, h); return _mm_cvtss_f32(h);
 }
+// every tensor a kernel reads must be in CPU memory (a CUDA tensor's pointer is not readable here)
+static void on_cpu(std::initializer_list<torch::Tensor> tensors, const char* what) {
+  for (const auto& t : tensors) TORCH_CHECK(t.device().is_cpu(), what, ": tensors must be on the CPU");
+}
 // out[m, n] = sum_k x[m, k] * w[n, k] for the M rows of x at once: each weight vector is loaded once. Up to 4 rows
 // keep two accumulator chains per row (16 weights a step) so FMA latency does not bound them; more rows keep one
 // (16 ymm registers hold no more).
@@ -95,6 +99,7 @@ static torch::Tensor gemv(torch::Tensor x, const W* wp, int64_t N) {
 // x (..., K) @ w (N, K)^T -> (..., N) in x's dtype, for 1 to 8 rows of x; float32 or bfloat16 x and w, accumulated
 // in float32 and rounded once
 torch::Tensor gemv_small(torch::Tensor x, torch::Tensor w) {
+  on_cpu({x, w}, "gemv_small");
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "gemv_small: x (..., K) and w (N, K)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
               "gemv_small: x must be float32 or bfloat16");
@@ -188,6 +193,7 @@ static std::vector<torch::Tensor> coarse(torch::Tensor q, const W* keys, int64_t
 }
 // each row's top k of scores (R, n) float32 -> values (R, k), indices (R, k)
 std::vector<torch::Tensor> top_k_rows(torch::Tensor scores, int64_t k) {
+  on_cpu({scores}, "top_k_rows");
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat, "top_k_rows: scores (R, n) float32");
   TORCH_CHECK(k >= 1 && k <= scores.size(1), "top_k_rows: k outside [1, n]");
   scores = scores.contiguous();
@@ -201,6 +207,7 @@ std::vector<torch::Tensor> top_k_rows(torch::Tensor scores, int64_t k) {
   return {values, indices};
 }
 std::vector<torch::Tensor> coarse_topm_small(torch::Tensor q, torch::Tensor keys, int64_t k) {
+  on_cpu({q, keys}, "coarse_topm_small");
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && keys.size(0) == q.size(1) && keys.size(2) == q.size(2),
               "coarse_topm_small: q (T, H, K) and keys (H, n, K)");
   TORCH_CHECK(q.scalar_type() == torch::kFloat, "coarse_topm_small: q must be float32");
@@ -276,6 +283,7 @@ static std::vector<torch::Tensor> grid(torch::Tensor q_row, torch::Tensor q_col,
 std::vector<torch::Tensor> grid_topm(torch::Tensor q_row, torch::Tensor q_col, torch::Tensor keys_row,
                                            torch::Tensor keys_col, torch::Tensor i_row, torch::Tensor i_col,
                                            torch::Tensor cores, int64_t n) {
+  on_cpu({q_row, q_col, keys_row, keys_col, i_row, i_col, cores}, "grid_topm");
   TORCH_CHECK(q_row.dim() == 3 && q_col.sizes() == q_row.sizes(), "grid_topm: q_row, q_col (T, H, K)");
   TORCH_CHECK(q_row.scalar_type() == torch::kFloat && q_col.scalar_type() == torch::kFloat &&
               cores.scalar_type() == torch::kFloat, "grid_topm: q and cores must be float32");
@@ -341,6 +349,7 @@ static torch::Tensor pool(const W* table, torch::Tensor virt, torch::Tensor scor
   return out;
 }
 torch::Tensor gather_pool(torch::Tensor table, torch::Tensor virt, torch::Tensor scores, int64_t E) {
+  on_cpu({table, virt, scores}, "gather_pool");
   TORCH_CHECK(table.dim() == 2 && virt.dim() == 2 && scores.dim() == 3 && scores.size(0) == virt.size(0) &&
               scores.size(1) == virt.size(1) && virt.scalar_type() == torch::kLong,
               "gather_pool: table (N, vdim), addresses (T, P) int64, scores (T, P, h)");
@@ -408,6 +417,7 @@ static void attend(const float* q, const float* k, const float* v, W* keys, W* v
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor keys,
                                torch::Tensor values, int64_t at, torch::Tensor cos, torch::Tensor sin,
                                torch::Tensor first) {
+  on_cpu({q, k, v, keys, values, cos, sin, first}, "decode_attention");
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
               keys.scalar_type() == values.scalar_type(), "decode_attention: keys, values (B, G, capacity, hd) buffers");
   const int64_t B = keys.size(0), G = keys.size(1), capacity = keys.size(2), hd = keys.size(3);
