@@ -8,10 +8,10 @@ What it changes, op by op (everything else runs its torch implementation, as in 
   keys/values a call returns are views of a preallocated buffer, and the next call that continues from
   exactly that state appends into it instead of copying the whole cache (``KVCache``). A state continued
   twice (branching) is copied on the second continuation, so no returned state is ever changed.
-- ``linear``: ``F.linear`` (no transposed view). For bfloat16/float16 activations at batch x steps above
-  ``MAX_ROWS``, in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly), rounded once;
-  float32 and bfloat16 with 1..8 rows through a C++ kernel that reads each weight once for all rows
-  (``cpu_kernels``).
+- ``linear``: float32 and bfloat16 with 1..8 rows through a C++ kernel that reads each weight once for all rows
+  (``cpu_kernels``); 9..128 rows as (w @ x.T).T in chunks of weight rows, more by ``F.linear``; bfloat16/float16
+  activations above ``MAX_ROWS`` rows in float32 (CPUs without bfloat16 arithmetic compute a bfloat16 GEMM slowly),
+  rounded once.
 - ``rms_norm``: ``F.rms_norm``.
 - ``coarse_topm``: each head's top k in C++ (a bound from disjoint sets' maxima, then an exact ranking, ties to the
   lower index); with up to 8 tokens the scores too, all tokens' from one pass over the keys.
@@ -126,7 +126,7 @@ class RopeTable:
         return found
 
 
-def _tokens(x: torch.Tensor, trailing: int) -> int:
+def _token_count(x: torch.Tensor, trailing: int) -> int:
     """How many tokens x holds: the product of its dims before the last ``trailing``."""
     return x.numel() // max(1, math.prod(x.shape[x.dim() - trailing:]))
 
@@ -146,11 +146,11 @@ class FastOps:
     def attention(self, attrs, q, k, v, past_k=None, past_v=None, past_len=None):
         """Causal GQA with RoPE and an in-place growing KV cache (see the module docstring); with ``past_len``, a
         ragged batch: per-sequence positions and the padding before each sequence's past masked."""
+        if q.shape[1] == 1 and q.dtype in KERNEL_DTYPES and q.device.type == "cpu" and kernel()[0] is not None:
+            return self.decode_step(attrs, q, k, v, past_k, past_v, past_len)
         heads, kv_heads, hd = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
         batch, steps = q.shape[:2]
         start = 0 if past_k is None else past_k.shape[2]
-        if steps == 1 and q.dtype in KERNEL_DTYPES and q.device.type == "cpu" and kernel()[0] is not None:
-            return self.decode_step(attrs, q, k, v, past_k, past_v, past_len)
         if past_len is None:
             cos, sin = self.rope.get(hd, attrs["rope_theta"], start + steps, q)
             cos, sin = cos[start:start + steps], sin[start:start + steps]
@@ -201,7 +201,7 @@ class FastOps:
         """x @ w.T: up to ``MAX_ROWS`` rows of float32 or bfloat16 through the C++ kernel (``cpu_kernels``) where it
         could be built; low-precision inputs with more rows in float32, rounded once; up to ``TRANSPOSED_MAX_ROWS``
         rows as (w @ x.T).T in chunks of weight rows, which PyTorch's CPU GEMM computes faster at these shapes."""
-        rows = x.numel() // x.shape[-1]
+        rows = _token_count(x, 1)
         if x.dtype in KERNEL_DTYPES and rows <= MAX_ROWS and kernel()[0] is not None:
             return (linear_small(x, w),)
         low = x.dtype in (torch.bfloat16, torch.float16) and rows > MAX_ROWS
@@ -223,11 +223,12 @@ class FastOps:
 
     @staticmethod
     def coarse_topm(attrs, q, keys):
-        """Each head's top k keys by score, selected in C++ (a histogram-bounded selection, ties to the lower index);
+        """Each head's top k keys by score, selected in C++ (only scores at or above a bound of the k-th best ranked
+        exactly, ties to the lower index);
         for up to ``MAX_ROWS`` tokens the scores too (all tokens' from one pass over the keys), else by one GEMM."""
         if kernel()[0] is None:
             return TORCH_IMPLS["coarse_topm"](attrs, q, keys)
-        if _tokens(q, 2) <= MAX_ROWS:
+        if _token_count(q, 2) <= MAX_ROWS:
             return coarse_topm_small(q, keys, attrs["k"])
         values, indices = top_k_rows(torch.einsum("...hd,hkd->...hk", q.float(), keys.float()), attrs["k"])
         return values.to(q.dtype), indices
@@ -239,7 +240,7 @@ class FastOps:
         scale and sum, no temporaries): the table viewed as (N * cores, vdim / cores) rows, one bag per (token, core,
         block)."""
         virtual = address if perm is None else perm[address]
-        if _tokens(address, 2) <= MAX_ROWS and kernel()[0] is not None:
+        if _token_count(address, 2) <= MAX_ROWS and kernel()[0] is not None:
             return (gather_pool(table, virtual, scores, attrs["E"]),)
         batch, steps, heads, m = address.shape
         cores, vdim, blocks = scores.shape[-1], table.shape[1], attrs["E"]
@@ -264,7 +265,7 @@ class FastOps:
     @staticmethod
     def grid_topm(attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores):
         """The top m of each token's and head's Tucker grid in one C++ call (winners' rank scores, the grid summed over
-        cores, a histogram-bounded selection, each core's score at the winners), else as the graph computes it."""
+        cores, its top m, each core's score at the winners), else as the graph computes it."""
         if kernel()[0] is None:
             return TORCH_IMPLS["grid_topm"](attrs, q_row, q_col, keys_row, keys_col, i_row, i_col, cores)
         return grid_topm(q_row, q_col, keys_row, keys_col, i_row, i_col, cores, attrs["n"])

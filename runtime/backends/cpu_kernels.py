@@ -5,9 +5,10 @@ PyTorch's CPU GEMM at 1-8 rows runs below memory bandwidth on this project's mac
 bfloat16 GEMV, without bfloat16 arithmetic, slower still; a decode step of a batch of a few sequences is exactly
 that product. ``gemv_small`` loads each weight vector once for all rows (register-blocked: one float32 accumulator
 vector per row), widens bfloat16 weights to float32 in registers (a 16-bit shift) and accumulates in float32 with
-FMA. The memory layer's ops (``coarse_topm_small``, ``top_k_rows``, ``grid_topm``, ``gather_pool``) replace a dozen
-PyTorch calls each, whose per-call cost dominates a decode step of one memory layer; every index read from an input
-is bounds-checked (an error, never a read outside a tensor). Work is split across PyTorch's intra-op threads
+FMA. The memory layer's ops (``coarse_topm_small``, ``top_k_rows``, ``grid_topm``, ``gather_pool``) and a decode
+step's attention (``decode_attention``) replace a dozen PyTorch calls each, whose per-call cost dominates a decode
+step here; every index read from an input is bounds-checked (an error, never a read outside a tensor), and tensors
+not in CPU memory are refused. Work is split across PyTorch's intra-op threads
 (OpenMP: the extension is built with it, or ``at::parallel_for`` would run on one thread). Compiled once per
 machine with PyTorch's own extension builder on first use (cached in ``TORCH_EXTENSIONS_DIR``); where that fails or
 the CPU lacks AVX2/FMA, ``kernel()`` says why and the backend keeps PyTorch's implementations.
@@ -118,7 +119,7 @@ torch::Tensor gemv_small(torch::Tensor x, torch::Tensor w) {
   return out.to(x.scalar_type()).reshape(shape);
 }
 
-// ---- the memory layer's selection and pooling for a few tokens: one call per op instead of a dozen torch ops
+// ---- the memory layer's selection and pooling: one call per op instead of a dozen torch ops
 // a float's rank as an unsigned integer: larger floats larger, NaN above every number (as torch.topk ranks it),
 // -0 equal to +0
 static inline uint32_t rank_key(float f) {
@@ -497,7 +498,7 @@ def linear_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return kernel()[0].gemv_small(x, w)
 
 
-def _tokens(x: torch.Tensor, trailing: int) -> torch.Tensor:
+def _flat_tokens(x: torch.Tensor, trailing: int) -> torch.Tensor:
     """x with its leading (batch, step) dims merged into one, in float32 for floating tensors."""
     flat = x.reshape(-1, *x.shape[x.dim() - trailing:])
     return flat.float() if flat.is_floating_point() else flat
@@ -506,7 +507,7 @@ def _tokens(x: torch.Tensor, trailing: int) -> torch.Tensor:
 def coarse_topm_small(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """coarse_topm for q (..., H, kd) and folded keys (H, n, kd): each head's top k of q . keys, scores in float32
     rounded to q's dtype, ties to the lower index."""
-    values, indices = kernel()[0].coarse_topm_small(_tokens(q, 2), keys, k)
+    values, indices = kernel()[0].coarse_topm_small(_flat_tokens(q, 2), keys, k)
     lead = q.shape[:-1]
     return values.to(q.dtype).reshape(*lead, k), indices.reshape(*lead, k)
 
@@ -522,9 +523,9 @@ def grid_topm(q_row, q_col, keys_row, keys_col, i_row, i_col, cores, n: int):
     """grid_topm for q (..., H, kd), keys (H, n, kd, r), kept indices (..., H, m), cores (H, h, r, r): the top m of the
     Tucker grid summed over cores (ties to the lower grid position) and each core's score there."""
     rank_major = lambda keys: keys.transpose(-1, -2)  # (H, n, r, kd): a view of how the pipeline folds keys
-    address, scores = kernel()[0].grid_topm(_tokens(q_row, 2), _tokens(q_col, 2), rank_major(keys_row),
-                                                  rank_major(keys_col),
-                                                  _tokens(i_row, 2), _tokens(i_col, 2), cores.float(), n)
+    flat = [_flat_tokens(t, 2) for t in (q_row, q_col, i_row, i_col)]
+    address, scores = kernel()[0].grid_topm(flat[0], flat[1], rank_major(keys_row), rank_major(keys_col), flat[2],
+                                            flat[3], cores.float(), n)
     return address.reshape(i_row.shape), scores.to(q_row.dtype).reshape(*i_row.shape, cores.shape[1])
 
 
